@@ -1,0 +1,823 @@
+"""Semi-non-negative matrix factorisation (semi-NMF).
+
+Model
+-----
+A cells x genes matrix ``X`` of any sign (for example a centred or scaled
+Perturb-seq expression matrix) is approximated by a product of two factors::
+
+    X  ~=  W @ H,      W >= 0   (n_samples x k, program usage per cell)
+                       H signed (k x n_features, gene loadings per program)
+
+by minimising the objective ``0.5 * ||X - W H||_F ** 2``.  Only the usage
+``W`` is constrained; the loadings ``H`` can be negative, so a program can
+both raise and lower genes.
+
+Algorithm
+---------
+``solver="mu"`` is the alternating scheme of Ding, Li & Jordan (2010),
+"Convex and Semi-Nonnegative Matrix Factorizations", IEEE Transactions on
+Pattern Analysis and Machine Intelligence 32(1):45-55:
+
+1. H step: the exact least-squares ``H = argmin_H ||X - W H||_F``, i.e. the
+   solution of the Gram system ``(W^T W) H = W^T X``.  It is solved with
+   :func:`scipy.linalg.lstsq` (never an explicit inverse), so a rank-deficient
+   ``W`` (for example a dead, all-zero column) yields the minimum-norm
+   solution instead of ``inf``/``nan``.
+2. W step: the multiplicative update::
+
+       W <- W * sqrt( ([X H^T]^+ + W [H H^T]^-) / ([X H^T]^- + W [H H^T]^+ + eps) )
+
+   with ``A^+ = (|A| + A) / 2`` and ``A^- = (|A| - A) / 2``.  Ding et al. prove
+   that this update does not increase the objective, and it keeps ``W >= 0``.
+
+The pair (H step, W step) is iterated until the relative decrease of the
+objective falls below ``tol`` or ``max_iter`` iterations have run.
+
+Sparse input is never densified as a whole: only the products ``X @ H.T`` and
+``X.T @ W`` are formed, and the objective is evaluated as::
+
+    ||X||^2 - 2 sum(W * (X H^T)) + sum((W^T W) * (H H^T))
+
+Each solver is one small private "iteration" function plugged into a shared
+driver (:func:`_fit_loop`) that handles the objective trace, stopping,
+dead-component detection and warnings, so that further solvers (e.g. HALS /
+block coordinate descent) can be added as another entry of ``_SOLVERS``.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from numbers import Integral, Real
+
+import numpy as np
+import scipy.linalg
+import scipy.sparse as sp
+from sklearn.base import (
+    BaseEstimator,
+    ClassNamePrefixFeaturesOutMixin,
+    TransformerMixin,
+    _fit_context,
+)
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+__all__ = ["SemiNMF"]
+
+#: Relative size of the guard added to the denominator of the multiplicative
+#: update (relative to the largest numerator/denominator entry).
+_EPS_REL = 1e-12
+#: Smallest positive float64, used to avoid division by an exact zero.
+_TINY = np.finfo(np.float64).tiny
+
+# Transform (non-negative least squares per cell) settings.
+_TRANSFORM_MAX_SWEEPS = 2000
+_TRANSFORM_TOL = 1e-10
+
+
+# --------------------------------------------------------------------------
+# Small linear-algebra helpers
+# --------------------------------------------------------------------------
+def _pos(A):
+    """Positive part ``(|A| + A) / 2`` (element-wise, same shape as ``A``)."""
+    return (np.abs(A) + A) / 2.0
+
+
+def _neg(A):
+    """Negative part ``(|A| - A) / 2`` (element-wise, same shape as ``A``)."""
+    return (np.abs(A) - A) / 2.0
+
+
+def _safe_X_Ht(X, H):
+    """``X @ H.T`` without densifying a sparse ``X``.
+
+    Parameters
+    ----------
+    X : ndarray or sparse matrix of shape (n_samples, n_features)
+    H : ndarray of shape (k, n_features)
+
+    Returns
+    -------
+    XHt : ndarray of shape (n_samples, k)
+    """
+    return np.asarray(X @ H.T)
+
+
+def _safe_Wt_X(X, W):
+    """``W.T @ X`` computed as ``(X.T @ W).T`` (sparse-friendly).
+
+    Parameters
+    ----------
+    X : ndarray or sparse matrix of shape (n_samples, n_features)
+    W : ndarray of shape (n_samples, k)
+
+    Returns
+    -------
+    WtX : ndarray of shape (k, n_features)
+    """
+    if sp.issparse(X):
+        return np.asarray(X.T @ W).T
+    return W.T @ X
+
+
+def _squared_norm(X):
+    """Squared Frobenius norm of a dense or sparse matrix.
+
+    Parameters
+    ----------
+    X : ndarray or sparse matrix of shape (n_samples, n_features)
+        Sparse input must be in canonical format (no duplicate entries).
+
+    Returns
+    -------
+    float
+    """
+    data = X.data if sp.issparse(X) else X.ravel()
+    return float(np.dot(data, data))
+
+
+# --------------------------------------------------------------------------
+# Per-iteration building blocks (kept small so tests can call them directly)
+# --------------------------------------------------------------------------
+def _update_h_least_squares(X, W, *, WtX=None):
+    """H step: exact least squares ``H = argmin_H ||X - W H||_F``.
+
+    Solves the Gram system ``(W^T W) H = W^T X`` with
+    :func:`scipy.linalg.lstsq` (SVD based), which returns the minimum-norm
+    solution when ``W`` is rank deficient (e.g. has an all-zero column); that
+    component's row of ``H`` is then zero.
+
+    Parameters
+    ----------
+    X : ndarray or sparse matrix of shape (n_samples, n_features)
+        Data, float64.
+    W : ndarray of shape (n_samples, k)
+        Current non-negative usage matrix.
+    WtX : ndarray of shape (k, n_features), optional
+        Precomputed ``W.T @ X``.
+
+    Returns
+    -------
+    H : ndarray of shape (k, n_features)
+        Least-squares loadings (finite even when ``W`` is rank deficient).
+    """
+    if WtX is None:
+        WtX = _safe_Wt_X(X, W)
+    gram = W.T @ W
+    H, _, _, _ = scipy.linalg.lstsq(gram, WtX, check_finite=False, lapack_driver="gelsd")
+    return np.ascontiguousarray(H)
+
+
+def _update_w_multiplicative(X, W, H, *, XHt=None, HHt=None, eps=None):
+    """W step: one Ding-Li-Jordan multiplicative update.
+
+    ``W <- W * sqrt((P(XHt) + W N(HHt)) / (N(XHt) + W P(HHt) + eps))`` with
+    ``P(A) = (|A| + A) / 2`` and ``N(A) = (|A| - A) / 2``.
+
+    Parameters
+    ----------
+    X : ndarray or sparse matrix of shape (n_samples, n_features)
+        Data (only used when ``XHt`` is not given).
+    W : ndarray of shape (n_samples, k)
+        Current non-negative usage matrix (not modified).
+    H : ndarray of shape (k, n_features)
+        Current loadings (only used when ``XHt``/``HHt`` are not given).
+    XHt : ndarray of shape (n_samples, k), optional
+        Precomputed ``X @ H.T``.
+    HHt : ndarray of shape (k, k), optional
+        Precomputed ``H @ H.T``.
+    eps : float, optional
+        Guard added to the denominator.  Default: ``1e-12`` times the largest
+        entry of the numerator and denominator (so the guard scales with the
+        data), or the smallest positive float when everything is zero.
+
+    Returns
+    -------
+    W_new : ndarray of shape (n_samples, k)
+        Updated usage, ``>= 0``.
+    """
+    if XHt is None:
+        XHt = _safe_X_Ht(X, H)
+    if HHt is None:
+        HHt = H @ H.T
+    numer = _pos(XHt) + W @ _neg(HHt)
+    denom = _neg(XHt) + W @ _pos(HHt)
+    if eps is None:
+        scale = max(float(numer.max(initial=0.0)), float(denom.max(initial=0.0)))
+        eps = _EPS_REL * scale if scale > 0 else _TINY
+    return W * np.sqrt(numer / (denom + eps))
+
+
+def _objective(X, W, H, *, norm_X_sq=None, XHt=None, HHt=None):
+    """Objective ``0.5 * ||X - W H||_F ** 2`` without forming ``X - W H``.
+
+    Uses ``||X||^2 - 2 sum(W * XH^T) + sum((W^T W) * (H H^T))``, clipped at 0.
+
+    Parameters
+    ----------
+    X : ndarray or sparse matrix of shape (n_samples, n_features)
+        Data (only used for quantities that are not given).
+    W : ndarray of shape (n_samples, k)
+    H : ndarray of shape (k, n_features)
+    norm_X_sq : float, optional
+        Precomputed ``||X||_F ** 2``.
+    XHt : ndarray of shape (n_samples, k), optional
+        Precomputed ``X @ H.T``.
+    HHt : ndarray of shape (k, k), optional
+        Precomputed ``H @ H.T``.
+
+    Returns
+    -------
+    float
+    """
+    if norm_X_sq is None:
+        norm_X_sq = _squared_norm(X)
+    if XHt is None:
+        XHt = _safe_X_Ht(X, H)
+    if HHt is None:
+        HHt = H @ H.T
+    cross = float(np.sum(W * XHt))
+    quad = float(np.sum((W.T @ W) * HHt))
+    return 0.5 * max(norm_X_sq - 2.0 * cross + quad, 0.0)
+
+
+def _residual_norm(X, W, H, *, block_elements=2**22):
+    """Exact ``||X - W H||_F``, formed in row blocks (sparse X never densified whole).
+
+    Parameters
+    ----------
+    X : ndarray or sparse matrix of shape (n_samples, n_features)
+    W : ndarray of shape (n_samples, k)
+    H : ndarray of shape (k, n_features)
+    block_elements : int
+        Approximate number of dense elements per block.
+
+    Returns
+    -------
+    float
+    """
+    n_samples, n_features = X.shape
+    step = max(1, block_elements // max(n_features, 1))
+    total = 0.0
+    for start in range(0, n_samples, step):
+        stop = min(start + step, n_samples)
+        block = X[start:stop]
+        block = block.toarray() if sp.issparse(block) else np.asarray(block)
+        R = block - W[start:stop] @ H
+        total += float(np.dot(R.ravel(), R.ravel()))
+    return float(np.sqrt(total))
+
+
+def _uniform_open_closed(random_state, shape):
+    """Uniform draws on (0, 1] (no exact zeros).
+
+    Parameters
+    ----------
+    random_state : None, int, numpy.random.Generator or numpy.random.RandomState
+    shape : tuple of int
+
+    Returns
+    -------
+    ndarray of the given shape
+    """
+    if isinstance(random_state, np.random.RandomState):
+        u = random_state.random_sample(shape)
+    else:
+        u = np.random.default_rng(random_state).random(shape)
+    return 1.0 - u
+
+
+def _initialize(X, n_components, init, random_state, *, W=None, H=None):
+    """Initial factors.
+
+    ``init="random"``: ``W`` uniform on (0, 1] times ``sqrt(mean|X| / k)``
+    (strictly positive: a multiplicative update cannot move an exact zero),
+    drawn from ``numpy.random.default_rng(random_state)``.
+    ``init="custom"``: the given ``W`` (validated by the caller).
+    In both cases ``H`` is the least-squares loading matrix for that ``W``
+    (the mu solver starts with an H step, so a custom ``H`` is not used).
+
+    Parameters
+    ----------
+    X : ndarray or sparse matrix of shape (n_samples, n_features)
+    n_components : int
+    init : {"random", "custom"}
+    random_state : None, int, Generator or RandomState
+    W : ndarray of shape (n_samples, n_components), optional
+        Custom initial usage (``init="custom"``).
+    H : ndarray of shape (n_components, n_features), optional
+        Custom initial loadings; ignored (recomputed by the H step).
+
+    Returns
+    -------
+    W : ndarray of shape (n_samples, n_components)
+    H : ndarray of shape (n_components, n_features)
+    """
+    n_samples, n_features = X.shape
+    if init == "random":
+        data = X.data if sp.issparse(X) else X
+        mean_abs = float(np.abs(data).sum()) / (n_samples * n_features)
+        scale = np.sqrt(mean_abs / n_components) if mean_abs > 0 else 1.0
+        W = scale * _uniform_open_closed(random_state, (n_samples, n_components))
+    elif init == "custom":
+        W = np.array(W, dtype=np.float64, copy=True)
+    else:  # pragma: no cover - guarded by parameter validation
+        raise ValueError(f"Invalid init={init!r}; valid values are 'random', 'custom'.")
+    H = _update_h_least_squares(X, W)
+    return W, H
+
+
+# --------------------------------------------------------------------------
+# Solvers: one iteration each, plugged into a shared driver
+# --------------------------------------------------------------------------
+def _mu_iteration(X, W, H, XHt, HHt):
+    """One Ding-Li-Jordan iteration.
+
+    Performs the W step for the current ``H`` and then the H step for the new
+    ``W``.  Starting from ``H = lstsq(W0)`` this generates exactly the sequence
+    of the alternating (H step, W step) scheme, while the returned ``H`` is
+    always the exact least-squares loading for the returned ``W``.
+
+    Parameters
+    ----------
+    X : ndarray or sparse matrix of shape (n_samples, n_features)
+    W : ndarray of shape (n_samples, k)
+    H : ndarray of shape (k, n_features)
+    XHt : ndarray of shape (n_samples, k)
+        ``X @ H.T`` for the current ``H``.
+    HHt : ndarray of shape (k, k)
+        ``H @ H.T`` for the current ``H``.
+
+    Returns
+    -------
+    W, H, XHt, HHt
+        Updated factors and the products for the updated ``H``, with the
+        shapes above.
+    """
+    W = _update_w_multiplicative(X, W, H, XHt=XHt, HHt=HHt)
+    H = _update_h_least_squares(X, W)
+    XHt = _safe_X_Ht(X, H)
+    HHt = H @ H.T
+    return W, H, XHt, HHt
+
+
+#: solver name -> one-iteration function ``(X, W, H, XHt, HHt) -> (W, H, XHt, HHt)``.
+_SOLVERS = {"mu": _mu_iteration}
+
+
+def _dead_components(W):
+    """Indices of all-zero columns of ``W`` (shape (n_samples, k)); 1-D int array."""
+    return np.flatnonzero(~np.any(W > 0, axis=0))
+
+
+def _warn_dead(dead, already, iteration):
+    """Warn (RuntimeWarning) once per newly dead component; update ``already``."""
+    for j in dead:
+        j = int(j)
+        if j in already:
+            continue
+        already.add(j)
+        where = "in the initial W" if iteration == 0 else f"at iteration {iteration}"
+        warnings.warn(
+            f"SemiNMF: component {j} is dead {where}: its usage column W[:, {j}] "
+            "is all zeros, so it contributes nothing to the fit (its row of H is "
+            "set to zero). Consider a smaller n_components or another random_state.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def _fit_loop(X, W, H, *, solver, max_iter, tol, verbose=0):
+    """Iterate a solver until the relative objective decrease is below ``tol``.
+
+    Parameters
+    ----------
+    X : ndarray or sparse CSR matrix of shape (n_samples, n_features), float64
+    W : ndarray of shape (n_samples, k)
+        Initial usage.
+    H : ndarray of shape (k, n_features)
+        Initial loadings (least squares for ``W``).
+    solver : str
+        Key of ``_SOLVERS``.
+    max_iter : int
+    tol : float
+    verbose : int
+
+    Returns
+    -------
+    W : ndarray of shape (n_samples, k)
+    H : ndarray of shape (k, n_features)
+    n_iter : int
+    initial_objective : float
+    objective : ndarray of shape (n_iter,)
+    converged : bool
+    rel_change : float
+        Last relative objective change.
+    """
+    step = _SOLVERS[solver]
+    norm_X_sq = _squared_norm(X)
+    XHt = _safe_X_Ht(X, H)
+    HHt = H @ H.T
+    f_prev = _objective(X, W, H, norm_X_sq=norm_X_sq, XHt=XHt, HHt=HHt)
+    initial_objective = f_prev
+    trace = []
+    dead_warned: set[int] = set()
+    _warn_dead(_dead_components(W), dead_warned, 0)
+    converged = False
+    rel_change = np.inf
+    start_time = time.time()
+    for it in range(1, max_iter + 1):
+        W, H, XHt, HHt = step(X, W, H, XHt, HHt)
+        f = _objective(X, W, H, norm_X_sq=norm_X_sq, XHt=XHt, HHt=HHt)
+        trace.append(f)
+        _warn_dead(_dead_components(W), dead_warned, it)
+        rel_change = (f_prev - f) / max(f_prev, _TINY)
+        if verbose and (it % 10 == 0 or it == 1):
+            print(
+                f"SemiNMF iteration {it:5d}: objective {f:.6e}, relative change "
+                f"{rel_change:.3e} ({time.time() - start_time:.2f} s)"
+            )
+        f_prev = f
+        if rel_change < tol:
+            converged = True
+            break
+    n_iter = it
+    if verbose:
+        status = "converged" if converged else "stopped at max_iter"
+        print(f"SemiNMF {status} after {n_iter} iterations, objective {f_prev:.6e}")
+    return W, H, n_iter, initial_objective, np.asarray(trace, dtype=np.float64), converged, rel_change
+
+
+def _nnls_rows_cd(B, Q, *, max_sweeps=_TRANSFORM_MAX_SWEEPS, tol=_TRANSFORM_TOL):
+    """Row-wise non-negative least squares by exact cyclic coordinate descent.
+
+    Minimises ``0.5 * w Q w^T - w b^T`` over ``w >= 0`` for every row (which
+    equals ``0.5 * ||x - w H||^2`` up to a constant when ``Q = H H^T`` and
+    ``b = x H^T``), vectorised over rows.
+
+    Parameters
+    ----------
+    B : ndarray of shape (n_samples, k)
+        ``X @ H.T``.
+    Q : ndarray of shape (k, k)
+        ``H @ H.T`` (symmetric positive semi-definite).
+    max_sweeps : int
+    tol : float
+        Stop when a full sweep changes ``W`` by at most ``tol * ||W||_F``.
+
+    Returns
+    -------
+    W : ndarray of shape (n_samples, k)
+        Non-negative solution.
+    n_sweeps : int
+    converged : bool
+    """
+    k = Q.shape[0]
+    # Warm start: unconstrained least squares, clipped at zero.
+    Z, _, _, _ = scipy.linalg.lstsq(Q, B.T, check_finite=False, lapack_driver="gelsd")
+    W = np.ascontiguousarray(np.maximum(Z.T, 0.0))
+    diag = np.diag(Q).copy()
+    active = diag > 0
+    W[:, ~active] = 0.0
+    converged = False
+    sweep = 0
+    for sweep in range(1, max_sweeps + 1):
+        change_sq = 0.0
+        for j in range(k):
+            if not active[j]:
+                continue
+            grad = W @ Q[:, j] - B[:, j]
+            new = np.maximum(W[:, j] - grad / diag[j], 0.0)
+            delta = new - W[:, j]
+            change_sq += float(np.dot(delta, delta))
+            W[:, j] = new
+        if np.sqrt(change_sq) <= tol * max(np.linalg.norm(W), _TINY):
+            converged = True
+            break
+    return W, sweep, converged
+
+
+# --------------------------------------------------------------------------
+# Estimator
+# --------------------------------------------------------------------------
+class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    """Semi-non-negative matrix factorisation ``X ~= W H`` with ``W >= 0``.
+
+    ``X`` (cells x genes) can have any sign; the usage ``W`` is non-negative
+    and the loadings ``H`` (``components_``) are unconstrained.  The objective
+    ``0.5 * ||X - W H||_F ** 2`` is minimised with the alternating scheme of
+    Ding, Li & Jordan (2010, IEEE TPAMI 32(1):45-55).
+
+    Parameters
+    ----------
+    n_components : int, default=10
+        Number of programs ``k``; ``1 <= k < min(n_samples, n_features)``.
+    solver : {"mu"}, default="mu"
+        ``"mu"``: least-squares H step + Ding-Li-Jordan multiplicative W step.
+    init : {"random", "custom"}, default="random"
+        ``"random"``: ``W`` uniform on (0, 1] scaled by ``sqrt(mean|X| / k)``;
+        ``"custom"``: use the ``W`` passed to :meth:`fit_transform`.  The first
+        ``H`` is always the least-squares ``H`` for the initial ``W`` (a custom
+        ``H`` is validated but not used by ``"mu"``).
+    max_iter : int, default=500
+        Maximum number of iterations (one iteration = one H step + one W step).
+    tol : float, default=1e-4
+        Stop when ``(f_prev - f) / f_prev < tol`` for the objective ``f``.
+    random_state : int, numpy.random.Generator, RandomState or None, default=None
+        Seed for ``init="random"`` (``numpy.random.default_rng(random_state)``).
+    verbose : int, default=0
+        Print the objective every 10 iterations when > 0.
+
+    Attributes
+    ----------
+    components_ : ndarray of shape (n_components, n_features)
+        Loadings ``H``.
+    n_components_ : int
+    n_features_in_ : int
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Only when ``X`` was a DataFrame with string column names.
+    n_iter_ : int
+        Number of iterations run.
+    reconstruction_err_ : float
+        ``||X - W H||_F`` at the end of fitting (computed exactly).
+    initial_objective_ : float
+        ``0.5 * ||X - W0 H0||_F ** 2`` for the initial factors.
+    objective_ : ndarray of shape (n_iter_,)
+        Objective ``0.5 * ||X - W H||_F ** 2`` after every iteration.
+    converged_ : bool
+        True when fitting stopped because of ``tol``.
+
+    References
+    ----------
+    C. Ding, T. Li and M. I. Jordan, "Convex and Semi-Nonnegative Matrix
+    Factorizations", IEEE TPAMI 32(1):45-55, 2010.
+    """
+
+    _parameter_constraints: dict = {
+        "n_components": [Interval(Integral, 1, None, closed="left")],
+        "solver": [StrOptions(set(_SOLVERS))],
+        "init": [StrOptions({"random", "custom"})],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="neither")],
+        "random_state": ["random_state", np.random.Generator],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        n_components=10,
+        *,
+        solver="mu",
+        init="random",
+        max_iter=500,
+        tol=1e-4,
+        random_state=None,
+        verbose=0,
+    ):
+        self.n_components = n_components
+        self.solver = solver
+        self.init = init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------
+    def _validate_X(self, X, *, reset):
+        """Validate ``X`` and convert it to float64 (dense) or float64 CSR."""
+        if sp.issparse(X) or (hasattr(X, "shape") and hasattr(X, "dtypes")):
+            arr = None
+            shape = tuple(X.shape)
+        else:
+            arr = np.asarray(X)
+            shape = arr.shape
+        if len(shape) != 2:
+            raise ValueError(
+                "X must be a 2-D array of shape (n_samples, n_features); got "
+                f"{len(shape)}-D input of shape {shape}. Reshape your data: use "
+                "X.reshape(1, -1) for a single sample or X.reshape(-1, 1) for a "
+                "single feature."
+            )
+        if shape[0] == 0 or shape[1] == 0:
+            raise ValueError(
+                f"X is empty: found array with {shape[0]} sample(s) and {shape[1]} "
+                f"feature(s) (shape={shape}) while a minimum of 1 is required; X "
+                "needs at least one sample (row) and one feature (column)."
+            )
+        if arr is not None:
+            kinds = {arr.dtype.kind}
+        elif sp.issparse(X):
+            kinds = {X.dtype.kind}
+        else:  # DataFrame
+            kinds = {getattr(dt, "kind", "O") for dt in X.dtypes}
+        if "c" in kinds:
+            raise ValueError(
+                "X must be real-valued: Complex data not supported by SemiNMF."
+            )
+        try:
+            X = validate_data(
+                self,
+                X,
+                accept_sparse=("csr", "csc"),
+                dtype=np.float64,
+                ensure_all_finite=False,
+                reset=reset,
+            )
+        except (ValueError, TypeError) as exc:
+            if kinds <= set("biuf"):
+                raise
+            raise type(exc)(f"X must contain only numeric values: {exc}") from exc
+        if sp.issparse(X):
+            X = X.tocsr()
+            if not X.has_canonical_format:
+                X = X.copy()
+                X.sum_duplicates()
+            values = X.data
+        else:
+            values = X
+        if not np.all(np.isfinite(values)):
+            n_nan = int(np.count_nonzero(np.isnan(values)))
+            n_inf = int(np.count_nonzero(np.isinf(values)))
+            raise ValueError(
+                f"X contains NaN or infinite values ({n_nan} NaN, {n_inf} infinite); "
+                "remove or impute them before using SemiNMF."
+            )
+        return X
+
+    def _check_n_components(self, X):
+        n_samples, n_features = X.shape
+        limit = min(n_samples, n_features)
+        if limit < 2:
+            raise ValueError(
+                f"X has shape ({n_samples}, {n_features}) ({n_samples} sample(s), "
+                f"{n_features} feature(s)); SemiNMF needs at least 2 samples and 2 "
+                "features because n_components must be < min(n_samples, n_features)."
+            )
+        if self.n_components >= limit:
+            raise ValueError(
+                f"n_components={self.n_components} must be smaller than "
+                f"min(n_samples, n_features) = min({n_samples}, {n_features}) = {limit}; "
+                f"set n_components to at most {limit - 1} or provide more "
+                f"{'samples' if n_samples <= n_features else 'features'}."
+            )
+
+    def _check_custom_init(self, X, W, H):
+        n_samples, n_features = X.shape
+        k = self.n_components
+        if W is None:
+            raise ValueError(
+                "init='custom' requires an initial W: call fit_transform(X, W=W0) "
+                f"with W0 of shape (n_samples, n_components) = ({n_samples}, {k})."
+            )
+        W = np.asarray(W, dtype=np.float64)
+        if W.shape != (n_samples, k):
+            raise ValueError(
+                f"The custom initial W has shape {W.shape}; expected "
+                f"(n_samples, n_components) = ({n_samples}, {k})."
+            )
+        if not np.all(np.isfinite(W)):
+            raise ValueError("The custom initial W contains NaN or infinite values.")
+        if np.any(W < 0):
+            raise ValueError("The custom initial W must be non-negative (W >= 0).")
+        if H is not None:
+            H = np.asarray(H, dtype=np.float64)
+            if H.shape != (k, n_features):
+                raise ValueError(
+                    f"The custom initial H has shape {H.shape}; expected "
+                    f"(n_components, n_features) = ({k}, {n_features})."
+                )
+            if not np.all(np.isfinite(H)):
+                raise ValueError("The custom initial H contains NaN or infinite values.")
+        return W, H
+
+    # ------------------------------------------------------------------
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit_transform(self, X, y=None, W=None, H=None):
+        """Fit the model and return the usage ``W`` of the training cells.
+
+        Parameters
+        ----------
+        X : array-like or sparse matrix of shape (n_samples, n_features)
+            Data of any sign; sparse input is never densified as a whole.
+        y : Ignored
+        W : array-like of shape (n_samples, n_components), optional
+            Initial usage for ``init="custom"`` (non-negative).
+        H : array-like of shape (n_components, n_features), optional
+            Initial loadings for ``init="custom"``; validated but not used by
+            ``solver="mu"``, which starts with the least-squares H step.
+
+        Returns
+        -------
+        W : ndarray of shape (n_samples, n_components)
+            Non-negative usage.
+        """
+        X = self._validate_X(X, reset=True)
+        self._check_n_components(X)
+        if self.init == "custom":
+            W, H = self._check_custom_init(X, W, H)
+        elif W is not None or H is not None:
+            warnings.warn(
+                f"init={self.init!r}: the W/H passed to fit_transform are ignored; "
+                "set init='custom' to use them as the initialisation.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        W0, H0 = _initialize(X, self.n_components, self.init, self.random_state, W=W, H=H)
+        W, H, n_iter, f0, trace, converged, rel_change = _fit_loop(
+            X, W0, H0, solver=self.solver, max_iter=self.max_iter, tol=self.tol, verbose=self.verbose
+        )
+        if not converged:
+            warnings.warn(
+                f"SemiNMF did not converge within max_iter={self.max_iter} iterations "
+                f"(last relative objective change {rel_change:.3e} >= tol={self.tol:g}); "
+                "increase max_iter or tol.",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        self.components_ = H
+        self.n_components_ = H.shape[0]
+        self.n_iter_ = n_iter
+        self.initial_objective_ = f0
+        self.objective_ = trace
+        self.converged_ = bool(converged)
+        self.reconstruction_err_ = _residual_norm(X, W, H)
+        return W
+
+    def fit(self, X, y=None, **params):
+        """Fit the model.
+
+        Parameters
+        ----------
+        X : array-like or sparse matrix of shape (n_samples, n_features)
+        y : Ignored
+        **params
+            Passed to :meth:`fit_transform` (``W``, ``H`` for ``init="custom"``).
+
+        Returns
+        -------
+        self : SemiNMF
+        """
+        self.fit_transform(X, **params)
+        return self
+
+    def transform(self, X):
+        """Usage of (new) cells for the fitted components.
+
+        Solves ``min_{W >= 0} ||X - W H||_F`` with ``H = components_`` fixed
+        (a non-negative least-squares problem per row) by exact cyclic
+        coordinate descent, vectorised over rows.  Sparse ``X`` is not
+        densified.
+
+        Parameters
+        ----------
+        X : array-like or sparse matrix of shape (n_samples, n_features)
+
+        Returns
+        -------
+        W : ndarray of shape (n_samples, n_components)
+            Non-negative usage.
+        """
+        check_is_fitted(self)
+        X = self._validate_X(X, reset=False)
+        H = self.components_
+        W, n_sweeps, converged = _nnls_rows_cd(_safe_X_Ht(X, H), H @ H.T)
+        if not converged:
+            warnings.warn(
+                f"SemiNMF.transform: the non-negative least-squares solver did not "
+                f"converge within {n_sweeps} sweeps; the usage may be inaccurate.",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        return W
+
+    def inverse_transform(self, W):
+        """Reconstruct data from usage: ``W @ components_``.
+
+        Parameters
+        ----------
+        W : array-like of shape (n_samples, n_components)
+
+        Returns
+        -------
+        X_hat : ndarray of shape (n_samples, n_features)
+        """
+        check_is_fitted(self)
+        W = np.asarray(W, dtype=np.float64)
+        if W.ndim != 2 or W.shape[1] != self.components_.shape[0]:
+            raise ValueError(
+                f"W must have shape (n_samples, n_components={self.components_.shape[0]}); "
+                f"got {W.shape}."
+            )
+        return W @ self.components_
+
+    @property
+    def _n_features_out(self):
+        """Number of transformed output features (``n_components_``)."""
+        return self.components_.shape[0]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        tags.transformer_tags.preserves_dtype = ["float64"]
+        return tags

@@ -1,0 +1,312 @@
+"""Scoring a pipeline run against the truth of a simulated screen.
+
+Typical use with a :func:`perturbnmf.simulate.simulate_screen` result ``sim`` and a run on
+the genes ``genes`` with recovered loadings ``H`` (k x genes)::
+
+    truth = sim[:, genes].varm["simulation_weights"]            # (n_genes, n_true)
+    match = match_programs(truth, H.T, sim.uns["simulation"]["program_names"], names)
+    scores = effect_recovery(contrasts, sim.uns["simulation"]["effects"], match)
+
+Semi-NMF loadings are scale-ambiguous and signed; the cosine similarity is computed on the
+raw vectors, so a planted program (positive weights on its genes) matches a recovered
+program with positive loadings on the same genes, and scale does not matter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import linear_sum_assignment
+
+__all__ = ["program_similarity", "match_programs", "effect_recovery"]
+
+
+def _as_matrix(name: str, value) -> tuple[np.ndarray, pd.Index | None, pd.Index | None]:
+    """2-D float array plus the row / column labels of a DataFrame input."""
+    rows = cols = None
+    if isinstance(value, pd.DataFrame):
+        rows, cols = value.index, value.columns
+        value = value.to_numpy()
+    elif hasattr(value, "toarray"):  # scipy sparse
+        value = value.toarray()
+    try:
+        arr = np.asarray(value, dtype=float)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a numeric (n_genes, n_programs) matrix: {err}") from None
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n_genes, n_programs), got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return arr, rows, cols
+
+
+def _names(name: str, given, columns, n: int, prefix: str) -> list[str]:
+    if given is None:
+        if columns is not None:
+            return [str(c) for c in columns]
+        width = max(2, len(str(n)))
+        return [f"{prefix}{i + 1:0{width}d}" for i in range(n)]
+    if isinstance(given, str):
+        raise ValueError(f"{name} must be a sequence of names, not a string")
+    names = [str(x) for x in given]
+    if len(names) != n:
+        raise ValueError(f"{name} has {len(names)} names but the matrix has {n} programs")
+    if len(set(names)) != n:
+        raise ValueError(f"{name} contains duplicate names")
+    return names
+
+
+def _prepare(true_weights, loadings, true_names, program_names):
+    truth, t_rows, t_cols = _as_matrix("true_weights", true_weights)
+    load, l_rows, l_cols = _as_matrix("loadings", loadings)
+    if t_rows is not None and l_rows is not None and not t_rows.equals(l_rows):
+        if set(t_rows) != set(l_rows) or t_rows.has_duplicates or l_rows.has_duplicates:
+            raise ValueError("loadings and true_weights are indexed by different genes")
+        load = pd.DataFrame(load, index=l_rows).reindex(t_rows).to_numpy()
+    if load.shape[0] != truth.shape[0]:
+        raise ValueError(
+            f"loadings has {load.shape[0]} genes (rows) but true_weights has {truth.shape[0]}; "
+            "both must be (n_genes, n_programs) on the same genes"
+        )
+    t_names = _names("true_names", true_names, t_cols, truth.shape[1], "T")
+    p_names = _names("program_names", program_names, l_cols, load.shape[1], "P")
+    return truth, load, t_names, p_names
+
+
+def _cosine(truth: np.ndarray, load: np.ndarray) -> np.ndarray:
+    tn = np.linalg.norm(truth, axis=0)
+    ln = np.linalg.norm(load, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = (truth.T @ load) / np.outer(tn, ln)
+    cos[~np.isfinite(cos)] = 0.0  # an all-zero column is similar to nothing
+    return np.clip(cos, -1.0, 1.0)
+
+
+def program_similarity(true_weights, loadings, true_names: Sequence[str] | None = None,
+                       program_names: Sequence[str] | None = None) -> pd.DataFrame:
+    """Cosine similarity between every planted and every recovered program.
+
+    Parameters
+    ----------
+    true_weights
+        (n_genes, n_true) planted weights (array or DataFrame; DataFrame columns are used as
+        default ``true_names``).
+    loadings
+        (n_genes, k) recovered loadings on the same genes in the same order (``H.T`` for a
+        k x genes ``H``). If both inputs are DataFrames with the same genes in a different
+        order, ``loadings`` is reordered to ``true_weights``.
+    true_names, program_names
+        Names of the planted / recovered programs; default ``T01``... / ``P01``...
+
+    Returns
+    -------
+    pandas.DataFrame
+        (n_true, k) cosine similarities, index ``planted_program``, columns ``program``. A
+        program whose vector is all zero has similarity 0 with everything.
+
+    Raises
+    ------
+    ValueError
+        On a gene-count mismatch, non-finite values or wrong number of names.
+    """
+    truth, load, t_names, p_names = _prepare(true_weights, loadings, true_names, program_names)
+    return pd.DataFrame(
+        _cosine(truth, load),
+        index=pd.Index(t_names, name="planted_program"),
+        columns=pd.Index(p_names, name="program"),
+    )
+
+
+def match_programs(true_weights, loadings, true_names: Sequence[str] | None = None,
+                   program_names: Sequence[str] | None = None) -> pd.DataFrame:
+    """Match planted programs one-to-one to recovered programs by cosine similarity.
+
+    The matching maximises the total cosine similarity (:func:`scipy.optimize.
+    linear_sum_assignment`); ``k`` may differ from ``n_true``. With ``k < n_true`` some planted
+    programs stay unmatched (``program`` is None and ``cosine`` NaN).
+
+    Parameters
+    ----------
+    true_weights
+        (n_genes, n_true) planted weights.
+    loadings
+        (n_genes, k) recovered loadings, same genes and order.
+    true_names, program_names
+        See :func:`program_similarity`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per planted program, in planted order, columns ``planted_program``,
+        ``program`` (matched recovered program name), ``cosine`` (similarity of the matched
+        pair) and ``best_cosine_any`` (largest similarity with any recovered program).
+    """
+    sim = program_similarity(true_weights, loadings, true_names, program_names)
+    cos = sim.to_numpy()
+    rows, cols = linear_sum_assignment(cos, maximize=True)
+    matched = np.full(cos.shape[0], None, dtype=object)
+    matched_cos = np.full(cos.shape[0], np.nan)
+    matched[rows] = sim.columns[cols].to_numpy()
+    matched_cos[rows] = cos[rows, cols]
+    return pd.DataFrame(
+        {
+            "planted_program": sim.index.to_list(),
+            "program": matched,
+            "cosine": matched_cos,
+            "best_cosine_any": cos.max(axis=1),
+        }
+    )
+
+
+def _require_columns(name: str, df, columns: Sequence[str]) -> pd.DataFrame:
+    if not isinstance(df, pd.DataFrame):
+        raise ValueError(f"{name} must be a pandas DataFrame, got {type(df).__name__}")
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{name} lacks column(s) {missing}; it has {list(df.columns)}")
+    return df
+
+
+def effect_recovery(contrasts: pd.DataFrame, truth_effects: pd.DataFrame,
+                    program_match: pd.DataFrame, fdr: float = 0.05) -> dict:
+    """Sensitivity and false discoveries of the perturbation x program tests.
+
+    A planted effect (perturbation, planted program) is *recovered* when the contrast of that
+    perturbation on the matched recovered program has ``qvalue < fdr`` and an ``effect`` whose
+    sign agrees with the planted ``direction``. A *discovery* is any contrast with
+    ``qvalue < fdr``; it is true when it is the contrast of a recovered planted effect (right
+    pair, right sign) and false otherwise (null targets, unaffected programs, unmatched
+    recovered programs and sign mismatches).
+
+    Parameters
+    ----------
+    contrasts
+        One row per tested perturbation x recovered program, columns ``program``,
+        ``perturbation``, ``effect``, ``qvalue`` (other columns are ignored; rows with a NaN
+        q-value are never discoveries).
+    truth_effects
+        Planted effects, columns ``perturbation``, ``program`` (planted name), ``direction``
+        (``"up"``/``"down"``) and optionally ``fold_change``; e.g.
+        ``adata.uns["simulation"]["effects"]``.
+    program_match
+        Output of :func:`match_programs` (columns ``planted_program``, ``program``).
+    fdr
+        Significance threshold on ``qvalue``, in (0, 1].
+
+    Returns
+    -------
+    dict
+        ``n_planted``, ``n_recovered``, ``sensitivity`` (``n_recovered / n_planted``, NaN
+        without planted effects), ``n_discoveries``, ``n_false_discoveries``,
+        ``n_true_discoveries``, ``false_discovery_proportion`` (0 without discoveries),
+        ``n_null_target_discoveries`` (discoveries on perturbations without any planted
+        effect: false at the perturbation level), ``n_spillover_discoveries`` (false
+        discoveries on perturbations that do have a planted effect, on another program: with
+        programs recovered as blends of the planted ones, part of a real effect shows up there),
+        ``fdr`` and ``table``: a DataFrame with one row per planted effect and columns
+        ``perturbation``, ``planted_program``, ``program``, ``direction``, ``fold_change``,
+        ``effect``, ``qvalue``, ``recovered`` (bool).
+    """
+    if isinstance(fdr, bool) or not isinstance(fdr, (int, float, np.floating, np.integer)):
+        raise ValueError(f"fdr must be a number in (0, 1], got {fdr!r}")
+    fdr = float(fdr)
+    if not 0.0 < fdr <= 1.0:
+        raise ValueError(f"fdr must be in (0, 1], got {fdr}")
+    _require_columns("contrasts", contrasts, ["program", "perturbation", "effect", "qvalue"])
+    _require_columns("truth_effects", truth_effects, ["perturbation", "program", "direction"])
+    _require_columns("program_match", program_match, ["planted_program", "program"])
+
+    con = pd.DataFrame(
+        {
+            "perturbation": contrasts["perturbation"].astype(str).to_numpy(),
+            "program": contrasts["program"].astype(str).to_numpy(),
+            "effect": pd.to_numeric(contrasts["effect"], errors="coerce").to_numpy(dtype=float),
+            "qvalue": pd.to_numeric(contrasts["qvalue"], errors="coerce").to_numpy(dtype=float),
+        }
+    )
+    if con.duplicated(["perturbation", "program"]).any():
+        dup = con.loc[con.duplicated(["perturbation", "program"]), ["perturbation", "program"]]
+        raise ValueError(
+            f"contrasts has duplicate (perturbation, program) rows, e.g. {tuple(dup.iloc[0])}"
+        )
+
+    match = program_match.loc[:, ["planted_program", "program"]]
+    if match["planted_program"].duplicated().any():
+        raise ValueError("program_match lists a planted program twice")
+    to_recovered = {
+        str(p): (None if pd.isna(r) else str(r))
+        for p, r in zip(match["planted_program"], match["program"])
+    }
+
+    truth = truth_effects.reset_index(drop=True)
+    directions = truth["direction"].astype(str).str.lower()
+    bad = sorted(set(directions) - {"up", "down"})
+    if bad:
+        raise ValueError(f"truth_effects has direction(s) {bad}; expected 'up' or 'down'")
+    planted_programs = truth["program"].astype(str)
+    unknown = sorted(set(planted_programs) - set(to_recovered))
+    if unknown:
+        raise ValueError(f"program_match has no row for planted program(s) {unknown} of truth_effects")
+    perts = truth["perturbation"].astype(str)
+    if pd.DataFrame({"a": perts, "b": planted_programs}).duplicated().any():
+        raise ValueError("truth_effects lists a (perturbation, program) effect twice")
+
+    lookup = con.set_index(["perturbation", "program"])
+    rows = []
+    for i in range(len(truth)):
+        pert, planted, direction = perts.iloc[i], planted_programs.iloc[i], directions.iloc[i]
+        recovered_program = to_recovered[planted]
+        effect = qvalue = np.nan
+        if recovered_program is not None and (pert, recovered_program) in lookup.index:
+            effect, qvalue = lookup.loc[(pert, recovered_program), ["effect", "qvalue"]]
+        sign = 1.0 if direction == "up" else -1.0
+        ok = bool(np.isfinite(qvalue) and qvalue < fdr and np.isfinite(effect) and np.sign(effect) == sign)
+        rows.append(
+            {
+                "perturbation": pert,
+                "planted_program": planted,
+                "program": recovered_program,
+                "direction": direction,
+                "fold_change": (
+                    float(truth["fold_change"].iloc[i]) if "fold_change" in truth.columns else np.nan
+                ),
+                "effect": float(effect),
+                "qvalue": float(qvalue),
+                "recovered": ok,
+            }
+        )
+    table = pd.DataFrame(
+        rows,
+        columns=["perturbation", "planted_program", "program", "direction", "fold_change",
+                 "effect", "qvalue", "recovered"],
+    )
+    table["recovered"] = table["recovered"].astype(bool)
+
+    discoveries = con[con["qvalue"] < fdr]
+    true_pairs = set(
+        zip(table.loc[table["recovered"], "perturbation"], table.loc[table["recovered"], "program"])
+    )
+    is_true = [(p, g) in true_pairs for p, g in zip(discoveries["perturbation"], discoveries["program"])]
+    n_disc = int(len(discoveries))
+    n_true = int(np.sum(is_true))
+    on_null_target = ~discoveries["perturbation"].isin(set(perts)).to_numpy()
+    n_null = int(on_null_target.sum())
+    n_planted = int(len(table))
+    n_recovered = int(table["recovered"].sum())
+    return {
+        "n_planted": n_planted,
+        "n_recovered": n_recovered,
+        "sensitivity": (n_recovered / n_planted) if n_planted else float("nan"),
+        "n_discoveries": n_disc,
+        "n_false_discoveries": n_disc - n_true,
+        "n_true_discoveries": n_true,
+        "n_null_target_discoveries": n_null,
+        "n_spillover_discoveries": n_disc - n_true - n_null,
+        "false_discovery_proportion": ((n_disc - n_true) / n_disc) if n_disc else 0.0,
+        "fdr": fdr,
+        "table": table,
+    }

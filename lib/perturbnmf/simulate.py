@@ -1,0 +1,663 @@
+"""Simulated Perturb-seq screens with known gene programs and perturbation effects.
+
+The simulator produces a cells x genes UMI count matrix in which
+
+* ``n_programs`` gene programs are planted: each program is a set of member genes with
+  positive log-fold weights, and every cell has a non-negative *usage* of every program;
+* ``n_targets`` CRISPR targets (plus non-targeting controls) each shift the usage of zero,
+  one or two programs by a known multiplicative factor;
+* counts are negative binomial (gamma-Poisson with gene-wise dispersion) around
+
+      mu[c, g] = L[c] * normalise_c( b[g] * exp(sum_p U[c, p] * W[g, p]) * B[batch(c), g] )
+
+  with ``b`` a lognormal baseline expression profile, ``U`` the usage, ``W`` the planted
+  weights, ``B`` modest gene-wise batch factors and ``L`` a lognormal library size.
+
+The truth (weights, usage, effects) is stored alongside the counts in the returned
+:class:`anndata.AnnData` so that :mod:`perturbnmf.evaluation` can score a pipeline run.
+
+Layout of the returned object
+-----------------------------
+``X``
+    ``scipy.sparse.csr_matrix`` of ``int32`` UMI counts, cells x genes.
+``obs``
+    ``perturbation`` (categorical: ``"non-targeting"`` then the targets), ``guide``
+    (categorical), ``batch`` (categorical ``batch_1`` ...), ``is_control`` (bool) and
+    ``simulation_phase`` (categorical ``G1``/``S``/``G2M``, the planted cell-cycle phase).
+``var``
+    index = unique upper-case gene symbols (``GENE0001`` ..., the targets ``TGT01`` ...
+    which are measured and knocked down in their own cells, and ``MT-ND1`` ... mitochondrial
+    genes); columns ``simulation_baseline`` (baseline expression share) and
+    ``simulation_dispersion`` (NB dispersion).
+``varm["simulation_weights"]``
+    genes x n_programs planted log-fold weights (0 for non-members).
+``obsm["simulation_usage"]``
+    cells x n_programs planted usage, *after* the perturbation effects.
+``uns["simulation"]``
+    dict with ``program_names``, ``effects`` (DataFrame: perturbation, program,
+    fold_change, direction), ``null_targets``, ``targets``, ``params``, ``seed``.
+``uns["control_label"]``
+    ``"non-targeting"``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+
+import anndata
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from scipy import special
+
+__all__ = [
+    "CONTROL_LABEL",
+    "PROGRAM_NAMES",
+    "simulate_screen",
+    "planted_gene_sets",
+    "write_gmt",
+    "write_cell_cycle_genes",
+    "write_demo_inputs",
+]
+
+CONTROL_LABEL = "non-targeting"
+
+#: Names given to the planted programs, in order; beyond this list ``PROGRAM_<i>`` is used.
+PROGRAM_NAMES = (
+    "INTERFERON_RESPONSE",
+    "S_PHASE",
+    "G2M_CHECKPOINT",
+    "HYPOXIA",
+    "MHC_CLASS_II",
+    "RIBOSOME_BIOGENESIS",
+    "UNFOLDED_PROTEIN_RESPONSE",
+    "GLYCOLYSIS",
+    "TNFA_SIGNALING_VIA_NFKB",
+    "CHOLESTEROL_BIOSYNTHESIS",
+    "OXIDATIVE_PHOSPHORYLATION",
+    "P53_PATHWAY",
+    "MYC_TARGETS",
+    "EPITHELIAL_MESENCHYMAL_TRANSITION",
+    "HEAT_SHOCK_RESPONSE",
+    "APOPTOSIS",
+)
+S_PROGRAM = "S_PHASE"
+G2M_PROGRAM = "G2M_CHECKPOINT"
+_CELL_CYCLE_PROGRAMS = (S_PROGRAM, G2M_PROGRAM)
+
+#: Mitochondrially encoded genes (the first ``_N_MITO`` are simulated).
+_MITO_GENES = (
+    "MT-ND1", "MT-ND2", "MT-CO1", "MT-CO2", "MT-ATP8",
+    "MT-ATP6", "MT-CO3", "MT-ND3", "MT-ND4L", "MT-ND4",
+    "MT-ND5", "MT-ND6", "MT-CYB",
+)
+_N_MITO = 10
+
+#: Real cell-cycle markers (Tirosh et al. 2016) that never occur in simulated data; three per
+#: phase are appended to the marker file so the pipeline can report missing markers.
+_ABSENT_MARKERS = {
+    "S": ("MCM5", "PCNA", "TYMS", "FEN1", "MCM2", "MCM4", "RRM1", "UNG"),
+    "G2M": ("HMGB2", "CDK1", "NUSAP1", "UBE2C", "BIRC5", "TPX2", "TOP2A", "NDC80"),
+}
+
+# Fractions of cells per planted phase (stratified within each perturbation group so that
+# the phase mix does not differ between groups by chance).
+_PHASE_FRACTIONS = {"S": 0.25, "G2M": 0.20}
+
+_SCREEN_FILE = "simulated_screen.h5ad"
+_GMT_FILE = "simulated_gene_sets.gmt"
+_CELL_CYCLE_FILE = "simulated_cell_cycle_genes.tsv"
+
+
+# --------------------------------------------------------------------------------------
+# argument checking
+# --------------------------------------------------------------------------------------
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+def _program_names(n_programs: int) -> list[str]:
+    names = list(PROGRAM_NAMES[:n_programs])
+    names += [f"PROGRAM_{i + 1:02d}" for i in range(len(names), n_programs)]
+    return names
+
+
+def _stratified_uniform(rng: np.random.Generator, strata: np.ndarray, n_cols: int) -> np.ndarray:
+    """Uniform(0, 1) draws, stratified within each stratum.
+
+    Returns an (n_cells, n_cols) array; within every stratum of ``m`` cells each column holds
+    one value from each interval ``[i/m, (i+1)/m)`` in random order.
+    """
+    out = np.empty((strata.size, n_cols))
+    for s in np.unique(strata):
+        cells = np.flatnonzero(strata == s)
+        m = cells.size
+        ranks = rng.permuted(np.tile(np.arange(m), (n_cols, 1)), axis=1).T
+        out[cells] = (ranks + rng.random((m, n_cols))) / m
+    return out
+
+
+def _effect_layout(n_targets: int, n_eligible: int) -> tuple[int, int, int]:
+    """Numbers of (null, single-program, two-program) targets."""
+    n_null = max(4, math.ceil(0.3 * n_targets))
+    rest = n_targets - n_null
+    n_double = min(round(0.2 * n_targets), max(0, rest - 2)) if n_eligible >= 2 else 0
+    return n_null, rest - n_double, n_double
+
+
+# --------------------------------------------------------------------------------------
+# simulation
+# --------------------------------------------------------------------------------------
+def simulate_screen(
+    n_cells: int = 4000,
+    n_genes: int = 2000,
+    n_programs: int = 8,
+    n_targets: int = 16,
+    n_batches: int = 2,
+    n_guides_per_target: int = 3,
+    n_control_guides: int = 4,
+    control_fraction: float = 0.15,
+    seed: int = 0,
+) -> anndata.AnnData:
+    """Simulate a Perturb-seq screen with planted gene programs and perturbation effects.
+
+    Parameters
+    ----------
+    n_cells
+        Number of cells (rows). Every target must get at least 10 cells and the control
+        group at least 10 cells.
+    n_genes
+        Number of measured genes (columns), including 10 mitochondrial genes
+        (``MT-ND1`` ...) and the ``n_targets`` target genes, which are measured and knocked
+        down in their own cells. Must be >= ``10 + n_targets + 15 * n_programs + 20``.
+    n_programs
+        Number of planted programs, >= 3. ``S_PHASE`` and ``G2M_CHECKPOINT`` are always
+        among them; they follow the planted cell-cycle phase and are not perturbed.
+    n_targets
+        Number of targeted genes, >= 6. ``max(4, ceil(0.3 n))`` targets have no effect,
+        about ``0.2 n`` shift two programs and the rest (about half) shift one program.
+    n_batches
+        Number of batches (``batch_1`` ...), each with modest gene-wise multiplicative
+        effects (log-sd 0.15) and a small library-size shift.
+    n_guides_per_target
+        Guides per target, named ``<TARGET>g1`` ...
+    n_control_guides
+        Non-targeting guides, named ``NTg1`` ...
+    control_fraction
+        Fraction of cells carrying a non-targeting guide, in (0, 1).
+    seed
+        Seed of :func:`numpy.random.default_rng`; the result is a deterministic function
+        of all arguments.
+
+    Returns
+    -------
+    anndata.AnnData
+        ``n_cells x n_genes`` with integer counts in a CSR ``int32`` ``X`` and the truth in
+        ``varm["simulation_weights"]`` (n_genes x n_programs), ``obsm["simulation_usage"]``
+        (n_cells x n_programs) and ``uns["simulation"]`` (see the module docstring).
+
+    Raises
+    ------
+    ValueError
+        If an argument is out of range; the message names the argument.
+
+    Notes
+    -----
+    * Programs have 30-80 member genes (proportionally fewer when ``n_genes`` is small),
+      drawn disjointly and then sharing 0-3 genes with other programs; member weights are
+      lognormal around 0.8 (clipped to [0.3, 2]).
+    * Usage of the non-cell-cycle programs is zero-inflated gamma (active in 30-60 % of
+      cells, mean 1.2-2 when active), drawn by stratified sampling within each perturbation
+      group so that the unperturbed group means agree to within a few percent. ``S_PHASE`` /
+      ``G2M_CHECKPOINT`` usage is ~2 in cells of the planted phase (25 % S, 20 % G2M, also
+      stratified per group; ``obs["simulation_phase"]``) and ~0.1 elsewhere; these two
+      programs are never perturbed.
+    * Effects multiply a program's usage in all cells of the target by 2-3 ("up") or
+      0.2-0.4 ("down"); single-program targets alternate up/down. Every target gene is
+      knocked down to 10-40 % (guide-specific) in its own cells, null targets included.
+    * Library sizes are lognormal (median ~4,000 UMIs); mitochondrial genes take ~5 % of
+      the counts, with 3 % damaged cells (5x mito share, 0.4x library).
+    """
+    n_cells = _check_int("n_cells", n_cells, 1)
+    n_genes = _check_int("n_genes", n_genes, 1)
+    n_programs = _check_int("n_programs", n_programs, 3)
+    n_targets = _check_int("n_targets", n_targets, 6)
+    n_batches = _check_int("n_batches", n_batches, 1)
+    n_guides_per_target = _check_int("n_guides_per_target", n_guides_per_target, 1)
+    n_control_guides = _check_int("n_control_guides", n_control_guides, 1)
+    seed = _check_seed(seed)
+    if isinstance(control_fraction, bool) or not isinstance(control_fraction, numbers.Real):
+        raise ValueError(f"control_fraction must be a number, got {control_fraction!r}")
+    control_fraction = float(control_fraction)
+    if not 0.0 < control_fraction < 1.0:
+        raise ValueError(f"control_fraction must be in (0, 1), got {control_fraction}")
+    min_genes = _N_MITO + n_targets + 15 * n_programs + 20
+    if n_genes < min_genes:
+        raise ValueError(
+            f"n_genes must be >= {min_genes} for n_programs={n_programs} and "
+            f"n_targets={n_targets}, got {n_genes}"
+        )
+    n_control = int(round(control_fraction * n_cells))
+    if n_control < 10:
+        raise ValueError(
+            f"n_cells * control_fraction must give >= 10 control cells, got {n_control} "
+            f"(n_cells={n_cells}, control_fraction={control_fraction})"
+        )
+    if (n_cells - n_control) < 10 * n_targets:
+        raise ValueError(
+            f"n_cells={n_cells} is too small: need >= 10 cells per target "
+            f"({n_targets} targets, {n_cells - n_control} non-control cells)"
+        )
+    params = {
+        "n_cells": n_cells, "n_genes": n_genes, "n_programs": n_programs,
+        "n_targets": n_targets, "n_batches": n_batches,
+        "n_guides_per_target": n_guides_per_target, "n_control_guides": n_control_guides,
+        "control_fraction": control_fraction, "seed": seed,
+    }
+    rng = np.random.default_rng(seed)
+
+    # ---- genes ------------------------------------------------------------------------
+    width_t = max(2, len(str(n_targets)))
+    targets = [f"TGT{i + 1:0{width_t}d}" for i in range(n_targets)]
+    n_plain = n_genes - _N_MITO - n_targets
+    width_g = max(4, len(str(n_plain)))
+    plain = [f"GENE{i + 1:0{width_g}d}" for i in range(n_plain)]
+    mito = list(_MITO_GENES[:_N_MITO])
+    gene_names = plain + targets + mito
+    plain_idx = np.arange(n_plain)
+    target_idx = np.arange(n_plain, n_plain + n_targets)
+    mito_idx = np.arange(n_plain + n_targets, n_genes)
+
+    # baseline expression: lognormal spread over ~2 orders of magnitude (non-mito genes
+    # share 92 % of the baseline profile); mitochondrial genes are highly expressed.
+    log_base = rng.normal(0.0, 1.3, size=n_genes)
+    # targets: moderately-to-highly expressed so that the knockdown is visible
+    log_base[target_idx] = rng.uniform(1.0, 2.5, size=n_targets)
+    base = np.exp(log_base)
+    base[mito_idx] = 0.0
+    base /= base.sum()
+    base *= 0.92
+    mito_share = rng.lognormal(0.0, 0.4, size=_N_MITO)
+    base[mito_idx] = 0.08 * mito_share / mito_share.sum()
+    # gene-wise NB dispersion (var = mu + phi mu^2)
+    dispersion = np.exp(rng.normal(np.log(0.1), 0.5, size=n_genes))
+
+    # ---- programs ---------------------------------------------------------------------
+    program_names = _program_names(n_programs)
+    sizes = rng.integers(30, 81, size=n_programs)
+    capacity = int(0.7 * n_plain)  # >= 10.5 genes per program given the n_genes check
+    if sizes.sum() > capacity:  # small gene panels: shrink programs proportionally
+        sizes = np.maximum(8, np.floor(sizes * capacity / sizes.sum())).astype(int)
+    order = rng.permutation(plain_idx)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    members = [order[starts[p]:starts[p + 1]] for p in range(n_programs)]
+    # a few genes shared with another program
+    for p in range(n_programs):
+        others = np.concatenate([members[q] for q in range(n_programs) if q != p])
+        n_shared = int(rng.integers(0, 4))
+        if n_shared:
+            shared = rng.choice(others, size=n_shared, replace=False)
+            members[p] = np.union1d(members[p], shared)
+    weights = np.zeros((n_genes, n_programs))
+    for p, genes in enumerate(members):
+        weights[genes, p] = np.clip(rng.lognormal(np.log(0.8), 0.3, size=genes.size), 0.3, 2.0)
+
+    # ---- perturbation design ----------------------------------------------------------
+    n_per_target = np.full(n_targets, (n_cells - n_control) // n_targets)
+    n_per_target[: (n_cells - n_control) % n_targets] += 1
+    group_sizes = np.concatenate([[n_control], n_per_target])
+    group_labels = [CONTROL_LABEL] + targets
+    group = np.repeat(np.arange(n_targets + 1), group_sizes)
+    group = group[rng.permutation(n_cells)]
+    is_control = group == 0
+
+    # guides: uniform within a group
+    guide_names = [f"NTg{j + 1}" for j in range(n_control_guides)]
+    guide_names += [f"{t}g{j + 1}" for t in targets for j in range(n_guides_per_target)]
+    guide_within = np.where(
+        is_control,
+        rng.integers(0, n_control_guides, size=n_cells),
+        rng.integers(0, n_guides_per_target, size=n_cells),
+    )
+    guide_code = np.where(
+        is_control, guide_within, n_control_guides + (group - 1) * n_guides_per_target + guide_within
+    )
+
+    # planted cell-cycle phase, stratified within each perturbation group
+    phase = np.zeros(n_cells, dtype=np.int8)  # 0 = G1, 1 = S, 2 = G2M
+    for g in range(n_targets + 1):
+        cells = np.flatnonzero(group == g)
+        n_s = int(round(_PHASE_FRACTIONS["S"] * cells.size))
+        n_g2m = int(round(_PHASE_FRACTIONS["G2M"] * cells.size))
+        labels = np.zeros(cells.size, dtype=np.int8)
+        labels[:n_s] = 1
+        labels[n_s:n_s + n_g2m] = 2
+        phase[cells] = rng.permutation(labels)
+
+    batch = rng.integers(0, n_batches, size=n_cells)
+
+    # ---- usage ------------------------------------------------------------------------
+    # Zero-inflated gamma usage: a program is active in a fraction `active` of the cells,
+    # with a gamma-distributed usage when active. Values are drawn by stratified (Latin
+    # hypercube) sampling within each perturbation group, so every cell's usage has exactly
+    # the intended marginal distribution while the group means of the unperturbed usage agree
+    # closely between groups: the planted fold changes are then the group-level truth.
+    active = rng.uniform(0.3, 0.6, size=n_programs)
+    shape = rng.uniform(2.5, 4.5, size=n_programs)
+    active_mean = rng.uniform(1.2, 2.0, size=n_programs)
+    u = _stratified_uniform(rng, group, n_programs)
+    q = np.clip((u - (1.0 - active)) / active, 0.0, 1.0 - 1e-12)
+    usage = np.where(
+        u > 1.0 - active, special.gammaincinv(shape, q) * (active_mean / shape), 0.0
+    )
+    # cell-cycle programs follow the planted phase: mean 2 in the phase, 0.1 outside
+    cc_strata = group * 3 + phase
+    for label, code in ((S_PROGRAM, 1), (G2M_PROGRAM, 2)):
+        p = program_names.index(label)
+        u = _stratified_uniform(rng, cc_strata, 1)[:, 0]
+        usage[:, p] = np.where(
+            phase == code,
+            special.gammaincinv(8.0, u) * (2.0 / 8.0),
+            special.gammaincinv(2.0, u) * (0.1 / 2.0),
+        )
+
+    # effects: nulls, single-program and two-program targets (roles shuffled over targets)
+    eligible = [p for p, name in enumerate(program_names) if name not in _CELL_CYCLE_PROGRAMS]
+    n_null, n_single, n_double = _effect_layout(n_targets, len(eligible))
+    roles = rng.permutation(np.repeat([0, 1, 2], [n_null, n_single, n_double]))
+    program_cycle: list[int] = []
+
+    def next_program(exclude: int | None = None) -> int:
+        if not program_cycle:
+            program_cycle.extend(rng.permutation(eligible).tolist())
+        for i, p in enumerate(program_cycle):
+            if p != exclude:
+                return program_cycle.pop(i)
+        program_cycle.extend(rng.permutation(eligible).tolist())
+        return next_program(exclude)
+
+    def fold(direction: str) -> float:
+        return float(rng.uniform(2.0, 3.0) if direction == "up" else rng.uniform(0.2, 0.4))
+
+    effects = []
+    single_count = 0
+    for t, role in enumerate(roles):
+        if role == 1:
+            direction = "up" if single_count % 2 == 0 else "down"
+            single_count += 1
+            p = next_program()
+            effects.append((targets[t], program_names[p], fold(direction), direction))
+        elif role == 2:
+            p1 = next_program()
+            p2 = next_program(exclude=p1)
+            for p in (p1, p2):
+                direction = "up" if rng.random() < 0.5 else "down"
+                effects.append((targets[t], program_names[p], fold(direction), direction))
+    null_targets = [targets[t] for t, role in enumerate(roles) if role == 0]
+    effects_df = pd.DataFrame(effects, columns=["perturbation", "program", "fold_change", "direction"])
+    for pert, prog, fc, _ in effects:
+        cells = group == (targets.index(pert) + 1)
+        usage[cells, program_names.index(prog)] *= fc
+
+    # ---- expression means -------------------------------------------------------------
+    batch_log = rng.normal(0.0, 0.15, size=(n_batches, n_genes))
+    batch_log[:, mito_idx] = 0.0
+    log_mu = np.log(np.maximum(base, 1e-300))[None, :] + usage @ weights.T + batch_log[batch]
+    # mitochondrial share: lognormal per cell, with 3 % damaged cells (high mito, small library)
+    damaged = rng.random(n_cells) < 0.03
+    mito_log = rng.normal(0.0, 0.35, size=n_cells) + np.where(damaged, np.log(5.0), 0.0)
+    log_mu[:, mito_idx] += mito_log[:, None]
+    log_mu -= log_mu.max(axis=1, keepdims=True)
+    mu = np.exp(log_mu)
+    # target knockdown: guide-specific remaining fraction of the target's mRNA
+    remaining = rng.uniform(0.1, 0.4, size=(n_targets, n_guides_per_target))
+    pert_cells = np.flatnonzero(~is_control)
+    mu[pert_cells, target_idx[group[pert_cells] - 1]] *= remaining[
+        group[pert_cells] - 1, guide_within[pert_cells]
+    ]
+    mu /= mu.sum(axis=1, keepdims=True)
+    batch_lib = np.exp(rng.normal(0.0, 0.1, size=n_batches))
+    library = rng.lognormal(np.log(4000.0), 0.35, size=n_cells) * batch_lib[batch]
+    library *= np.where(damaged, 0.4, 1.0)
+    mu *= library[:, None]
+
+    # ---- counts: gamma-Poisson --------------------------------------------------------
+    inv_phi = 1.0 / dispersion
+    lam = rng.gamma(inv_phi[None, :], mu / inv_phi[None, :])
+    counts = rng.poisson(lam).astype(np.int32)
+    X = sp.csr_matrix(counts, dtype=np.int32)
+
+    # ---- AnnData ----------------------------------------------------------------------
+    width_c = max(5, len(str(n_cells)))
+    obs = pd.DataFrame(
+        {
+            "perturbation": pd.Categorical.from_codes(group, categories=group_labels),
+            "guide": pd.Categorical.from_codes(guide_code, categories=guide_names),
+            "batch": pd.Categorical.from_codes(
+                batch, categories=[f"batch_{b + 1}" for b in range(n_batches)]
+            ),
+            "is_control": is_control,
+            "simulation_phase": pd.Categorical.from_codes(phase, categories=["G1", "S", "G2M"]),
+        },
+        index=pd.Index([f"CELL{i + 1:0{width_c}d}" for i in range(n_cells)], name="cell"),
+    )
+    var = pd.DataFrame(
+        {"simulation_baseline": base, "simulation_dispersion": dispersion},
+        index=pd.Index(gene_names, name="gene"),
+    )
+    adata = anndata.AnnData(X=X, obs=obs, var=var)
+    adata.varm["simulation_weights"] = weights
+    adata.obsm["simulation_usage"] = usage
+    adata.uns["control_label"] = CONTROL_LABEL
+    adata.uns["simulation"] = {
+        "program_names": program_names,
+        "effects": effects_df,
+        "null_targets": null_targets,
+        "targets": targets,
+        "params": params,
+        "seed": seed,
+    }
+    return adata
+
+
+# --------------------------------------------------------------------------------------
+# gene sets and marker files
+# --------------------------------------------------------------------------------------
+def _truth(adata: anndata.AnnData) -> tuple[list[str], np.ndarray]:
+    if "simulation" not in adata.uns or "simulation_weights" not in adata.varm:
+        raise ValueError(
+            "adata does not look like a simulate_screen() result: "
+            "uns['simulation'] or varm['simulation_weights'] is missing"
+        )
+    names = [str(n) for n in adata.uns["simulation"]["program_names"]]
+    weights = np.asarray(adata.varm["simulation_weights"], dtype=float)
+    if weights.shape != (adata.n_vars, len(names)):
+        raise ValueError(
+            f"adata.varm['simulation_weights'] has shape {weights.shape}, expected "
+            f"({adata.n_vars}, {len(names)})"
+        )
+    return names, weights
+
+
+def _program_members(adata: anndata.AnnData) -> dict[str, list[str]]:
+    """Planted program -> member genes, sorted by decreasing weight."""
+    names, weights = _truth(adata)
+    genes = np.asarray(adata.var_names)
+    out = {}
+    for p, name in enumerate(names):
+        idx = np.flatnonzero(weights[:, p] > 0)
+        idx = idx[np.argsort(-weights[idx, p], kind="stable")]
+        out[name] = genes[idx].tolist()
+    return out
+
+
+def planted_gene_sets(adata: anndata.AnnData, n_decoys: int = 40, seed: int = 0) -> dict[str, list[str]]:
+    """Gene sets for an enrichment demo: the planted programs plus random decoys.
+
+    Parameters
+    ----------
+    adata
+        Output of :func:`simulate_screen` (uses ``varm["simulation_weights"]`` and
+        ``uns["simulation"]["program_names"]``).
+    n_decoys
+        Number of decoy sets ``DECOY_001`` ... of random non-mitochondrial genes whose sizes
+        are drawn from the range of the planted program sizes.
+    seed
+        Seed for the decoys.
+
+    Returns
+    -------
+    dict[str, list[str]]
+        ``PLANTED_<PROGRAM>`` -> member genes of that program (sorted by decreasing planted
+        weight), then ``DECOY_<i>`` -> random genes. Deterministic for a given ``seed``.
+    """
+    n_decoys = _check_int("n_decoys", n_decoys, 0)
+    seed = _check_seed(seed)
+    members = _program_members(adata)
+    sets = {f"PLANTED_{name}": genes for name, genes in members.items()}
+    sizes = [len(g) for g in members.values()]
+    lo, hi = min(sizes), max(sizes)
+    pool = np.asarray([g for g in adata.var_names if not g.startswith("MT-")])
+    rng = np.random.default_rng(seed)
+    width = max(3, len(str(n_decoys)))
+    for i in range(n_decoys):
+        size = min(int(rng.integers(lo, hi + 1)), pool.size)
+        sets[f"DECOY_{i + 1:0{width}d}"] = rng.choice(pool, size=size, replace=False).tolist()
+    return sets
+
+
+def write_gmt(path, gene_sets: Mapping[str, Sequence[str]], description: str = "") -> pathlib.Path:
+    """Write gene sets in the GMT format.
+
+    One line per set: ``name <TAB> description <TAB> gene1 <TAB> gene2 ...``. An empty
+    ``description`` is written as ``na`` so that the file also survives parsers that split on
+    any whitespace.
+
+    Parameters
+    ----------
+    path
+        Output file; its parent directory must exist.
+    gene_sets
+        Set name -> genes (non-empty; names and genes must not contain tabs or newlines).
+    description
+        Text of the second column, the same for every set.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    path = pathlib.Path(path)
+    if not isinstance(gene_sets, Mapping) or not gene_sets:
+        raise ValueError("gene_sets must be a non-empty mapping of set name -> genes")
+    description = str(description) if description else "na"
+    if any(c in description for c in "\t\r\n"):
+        raise ValueError("description must not contain tabs or newlines")
+    lines = []
+    for name, genes in gene_sets.items():
+        name = str(name)
+        if isinstance(genes, str):
+            raise ValueError(f"gene_sets[{name!r}] must be a list of genes, not a string")
+        genes = [str(g) for g in genes]
+        if not name or any(c in name for c in "\t\r\n"):
+            raise ValueError(f"gene_sets: invalid set name {name!r}")
+        if not genes:
+            raise ValueError(f"gene_sets[{name!r}] is empty")
+        if any(not g or any(c in g for c in "\t\r\n") for g in genes):
+            raise ValueError(f"gene_sets[{name!r}] contains an empty gene or one with tabs/newlines")
+        lines.append("\t".join([name, description, *genes]))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_cell_cycle_genes(path, adata: anndata.AnnData) -> pathlib.Path:
+    """Write a cell-cycle marker table for a simulated screen.
+
+    Tab-separated, header ``gene<TAB>phase``; the ``S_PHASE`` program genes with phase
+    ``S`` and the ``G2M_CHECKPOINT`` genes with phase ``G2M`` (a gene in both programs is
+    listed once, under the program where its weight is larger), then three real markers per
+    phase that are absent from ``adata`` so that the pipeline can report missing markers.
+
+    Parameters
+    ----------
+    path
+        Output file; its parent directory must exist.
+    adata
+        Output of :func:`simulate_screen` with ``S_PHASE`` and ``G2M_CHECKPOINT`` programs.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    path = pathlib.Path(path)
+    names, weights = _truth(adata)
+    for required in _CELL_CYCLE_PROGRAMS:
+        if required not in names:
+            raise ValueError(f"adata has no planted {required} program")
+    s = weights[:, names.index(S_PROGRAM)]
+    g2m = weights[:, names.index(G2M_PROGRAM)]
+    genes = np.asarray(adata.var_names)
+    s_idx = np.flatnonzero((s > 0) & (s >= g2m))
+    g2m_idx = np.flatnonzero((g2m > 0) & (g2m > s))
+    s_idx = s_idx[np.argsort(-s[s_idx], kind="stable")]
+    g2m_idx = g2m_idx[np.argsort(-g2m[g2m_idx], kind="stable")]
+    present = set(adata.var_names)
+    rows = [(g, "S") for g in genes[s_idx]] + [(g, "G2M") for g in genes[g2m_idx]]
+    for phase_name in ("S", "G2M"):
+        absent = [m for m in _ABSENT_MARKERS[phase_name] if m not in present][:3]
+        rows += [(m, phase_name) for m in absent]
+    table = pd.DataFrame(rows, columns=["gene", "phase"])
+    table.to_csv(path, sep="\t", index=False)
+    return path
+
+
+def write_demo_inputs(directory, seed: int = 0, **simulate_kwargs) -> dict[str, pathlib.Path]:
+    """Simulate a screen and write the pipeline's three input files.
+
+    Parameters
+    ----------
+    directory
+        Output directory, created (with parents) if needed.
+    seed
+        Seed for :func:`simulate_screen` and the decoys of :func:`planted_gene_sets`.
+    **simulate_kwargs
+        Further arguments of :func:`simulate_screen`.
+
+    Returns
+    -------
+    dict[str, pathlib.Path]
+        ``{"input": <dir>/simulated_screen.h5ad, "gene_sets": <dir>/simulated_gene_sets.gmt,
+        "cell_cycle_genes": <dir>/simulated_cell_cycle_genes.tsv}``.
+    """
+    directory = pathlib.Path(os.fspath(directory))
+    adata = simulate_screen(seed=seed, **simulate_kwargs)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "input": directory / _SCREEN_FILE,
+        "gene_sets": directory / _GMT_FILE,
+        "cell_cycle_genes": directory / _CELL_CYCLE_FILE,
+    }
+    adata.write_h5ad(paths["input"])
+    write_gmt(
+        paths["gene_sets"],
+        planted_gene_sets(adata, seed=seed),
+        description="perturbnmf_simulated_screen",
+    )
+    write_cell_cycle_genes(paths["cell_cycle_genes"], adata)
+    return paths
