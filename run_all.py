@@ -72,6 +72,28 @@ def preflight(values):
                              + "\nRelative paths are relative to the repository folder " + str(REPO_ROOT) + ".")
 
 
+def _quiet_papermill():
+    """Papermill's own parser cannot read annotations such as ``str | None`` and would warn
+    "Passed unknown parameter" for them; the YAML was already checked by :func:`validate`."""
+    import logging
+
+    logging.getLogger("papermill").addFilter(
+        lambda record: not record.getMessage().startswith("Passed unknown parameter")
+    )
+
+
+def _ipc_kernel_manager():
+    """A kernel manager on local UNIX sockets: no TCP port is opened for the kernel."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.transport = "ipc"
+
+    return IPCKernelManager
+
+
 def run_step(step, values, declared, paths):
     """Execute one notebook with its parameters; render its HTML even when it fails."""
     import papermill as pm
@@ -87,6 +109,7 @@ def run_step(step, values, declared, paths):
         pm.execute_notebook(
             str(NOTEBOOKS / stem.name), str(stem), parameters=parameters, kernel_name="python3",
             language="python", cwd=str(REPO_ROOT), progress_bar=False, log_output=False,
+            kernel_manager_class=_ipc_kernel_manager(),
         )
     except pm.PapermillExecutionError as err:
         error = err
@@ -111,6 +134,7 @@ def main(argv=None):
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    _quiet_papermill()
     steps = list(STEPS)
     if args.only:
         steps = [args.only]

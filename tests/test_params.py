@@ -109,3 +109,9 @@ def test_parameters_cell_must_be_annotated_literals(tmp_path):
     nbformat.write(nb, path)
     with pytest.raises(ParameterError, match="name: type = literal"):
         read_parameters_cell(path)
+
+
+def test_readme_documents_every_parameter(merged):
+    readme = (REPO_ROOT / "README.md").read_text()
+    for name in merged:
+        assert f"| `{name}` |" in readme, f"README's parameter table lacks {name}"

@@ -31,7 +31,9 @@ Pattern Analysis and Machine Intelligence 32(1):45-55:
    that this update does not increase the objective, and it keeps ``W >= 0``.
 
 The pair (H step, W step) is iterated until the relative decrease of the
-objective falls below ``tol`` or ``max_iter`` iterations have run.
+objective over the last 10 iterations falls below ``tol`` (a one-step test
+stops on the plateaus multiplicative updates cross) or ``max_iter``
+iterations have run.
 
 Sparse input is never densified as a whole: only the products ``X @ H.T`` and
 ``X.T @ W`` are formed, and the objective is evaluated as::
@@ -388,8 +390,17 @@ def _warn_dead(dead, already, iteration):
         )
 
 
+#: Iterations over which the relative objective decrease is compared with ``tol``.
+_CONVERGENCE_WINDOW = 10
+
+
 def _fit_loop(X, W, H, *, solver, max_iter, tol, verbose=0):
     """Iterate a solver until the relative objective decrease is below ``tol``.
+
+    The decrease is measured over the last ``_CONVERGENCE_WINDOW`` iterations,
+    ``(f[t - w] - f[t]) / f[t - w] < tol``: multiplicative updates cross plateaus
+    (saddle regions) where a single step changes the objective by less than 1e-4
+    and then speed up again; a one-step test stops there, far from a minimum.
 
     Parameters
     ----------
@@ -432,14 +443,15 @@ def _fit_loop(X, W, H, *, solver, max_iter, tol, verbose=0):
         f = _objective(X, W, H, norm_X_sq=norm_X_sq, XHt=XHt, HHt=HHt)
         trace.append(f)
         _warn_dead(_dead_components(W), dead_warned, it)
-        rel_change = (f_prev - f) / max(f_prev, _TINY)
+        reference = trace[-1 - _CONVERGENCE_WINDOW] if len(trace) > _CONVERGENCE_WINDOW else initial_objective
+        rel_change = (reference - f) / max(reference, _TINY)
         if verbose and (it % 10 == 0 or it == 1):
             print(
                 f"SemiNMF iteration {it:5d}: objective {f:.6e}, relative change "
                 f"{rel_change:.3e} ({time.time() - start_time:.2f} s)"
             )
         f_prev = f
-        if rel_change < tol:
+        if rel_change < tol and it >= _CONVERGENCE_WINDOW:
             converged = True
             break
     n_iter = it
@@ -523,7 +535,8 @@ class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     max_iter : int, default=500
         Maximum number of iterations (one iteration = one H step + one W step).
     tol : float, default=1e-4
-        Stop when ``(f_prev - f) / f_prev < tol`` for the objective ``f``.
+        Stop when the objective ``f`` decreased by less than ``tol`` (relative)
+        over the last 10 iterations: ``(f[t-10] - f[t]) / f[t-10] < tol``.
     random_state : int, numpy.random.Generator, RandomState or None, default=None
         Seed for ``init="random"`` (``numpy.random.default_rng(random_state)``).
     verbose : int, default=0
