@@ -64,6 +64,8 @@ def test_every_notebook_has_figures_and_no_errors(tiny_run, stem):
     nb = nbformat.read(tiny_run[0] / "notebooks" / f"{stem}.ipynb", as_version=4)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
+    stderr = [o.text for o in outputs if o.output_type == "stream" and o.name == "stderr"]
+    assert not stderr, f"warnings leak into the report: {stderr}"
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 1, "no figure: is MPLBACKEND=Agg set?"
 
 

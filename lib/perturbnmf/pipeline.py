@@ -23,7 +23,7 @@ from .provenance import REPO_ROOT
 __all__ = [
     "resolve", "write_simulated_inputs", "check_gene_sets", "library_name", "write_h5ad", "read_h5ad",
     "show_input", "show_simulation_truth", "show_qc", "show_cell_cycle", "show_factorization",
-    "show_program_recovery", "show_effect_recovery", "show_top_genes", "write_summary_workbook",
+    "show_program_recovery", "show_effect_recovery", "show_top_genes", "show_enrichment", "write_summary_workbook",
 ]
 
 
@@ -250,6 +250,24 @@ def show_top_genes(top: pd.DataFrame, n_shown: int = 10) -> None:
                  f"The {n_shown} genes with the largest positive and the most negative loadings per program "
                  "(loadings are signed; each side is its own gene list). All top genes are in top_genes.csv.",
                  max_rows=200)
+
+
+def show_enrichment(enrichment_table: pd.DataFrame, fdr: float, n_background: int) -> None:
+    """The significant terms as a compact table (all columns are in enrichment.csv)."""
+    significant = enrichment_table[enrichment_table["qvalue"] < fdr]
+    genes = significant["overlap_genes"].str.split(";")
+    shown = pd.DataFrame({
+        "program": significant["program"], "side": significant["side"], "library": significant["library"],
+        "term": significant["term"],
+        "overlap": significant["overlap"].astype(str) + " / " + significant["query_size"].astype(str),
+        "term size": significant["term_size"], "odds ratio": significant["odds_ratio"],
+        "q": significant["qvalue"],
+        "genes": [", ".join(g[:8]) + (" …" if len(g) > 8 else "") for g in genes],
+    })
+    report.table(shown, f"Gene sets over-represented at q < {fdr} among each program's top genes: overlap = genes of "
+                        "the list in the set / genes in the list; term size counts the set's genes among the "
+                        f"background (the {n_background} factorised genes); q = Benjamini–Hochberg over the gene "
+                        "sets of one library tested for one list.")
 
 
 def write_summary_workbook(paths, fdr: float) -> None:

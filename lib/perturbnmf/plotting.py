@@ -19,6 +19,8 @@ __all__ = [
 ]
 
 CONTROL_COLOR = "#7f7f7f"
+# Colour bar of clustered heatmaps right of the row labels (the default sits on the dendrograms).
+_CBAR_RIGHT = (1.1, 0.3, 0.015, 0.4)
 PALETTE = "tab10"
 
 
@@ -76,8 +78,8 @@ def cells_per_group(obs: pd.DataFrame, perturbation_key: str, control_label: str
         table = obs[perturbation_key].value_counts().to_frame("cells")
     table = table.loc[table.sum(axis=1).sort_values().index]
     fig, ax = plt.subplots(figsize=(7, _group_height(len(table), 0.22)))
-    table.plot.barh(stacked=True, ax=ax, width=0.8, colormap="tab10" if batch_key else None,
-                    color=None if batch_key else "#4c72b0", legend=bool(batch_key))
+    colors = sns.color_palette(PALETTE, table.shape[1]) if batch_key else ["#4c72b0"]
+    table.plot.barh(stacked=True, ax=ax, width=0.8, color=colors, legend=bool(batch_key))
     for label in ax.get_yticklabels():
         if label.get_text() == control_label:
             label.set_fontweight("bold")
@@ -185,6 +187,7 @@ def loadings_heatmap(loadings: pd.DataFrame, n_genes_per_program: int = 6):
         data, cmap="RdBu_r", vmin=-limit, vmax=limit, center=0,
         figsize=(min(22, 3 + 0.16 * len(genes)), min(14, 3 + 0.32 * data.shape[0])),
         xticklabels=True, yticklabels=True, cbar_kws={"label": "loading"}, dendrogram_ratio=(0.08, 0.12),
+        cbar_pos=_CBAR_RIGHT,
         method="average", metric="correlation" if data.shape[0] > 2 else "euclidean",
     )
     grid.ax_heatmap.set_xlabel(f"top {n_genes_per_program} genes per program")
@@ -244,11 +247,12 @@ def effect_heatmap(contrasts: pd.DataFrame, fdr: float, value: str = "effect_std
     limit = float(np.nanmax(np.abs(table.to_numpy()))) if table.size else 1.0
     clustered = table.shape[0] > 2 and table.shape[1] > 2 and not table.isna().any().any()
     kwargs = dict(cmap="RdBu_r", center=0, vmin=-limit, vmax=limit, annot=marks, fmt="",
-                  annot_kws={"fontsize": 9, "color": "black"}, xticklabels=True, yticklabels=True,
+                  annot_kws={"fontsize": 9}, xticklabels=True, yticklabels=True,
                   cbar_kws={"label": "effect (Cohen's d vs control)"})
     size = (min(20, 3 + 0.42 * table.shape[1]), min(26, 2.5 + 0.3 * table.shape[0]))
     if clustered:
-        grid = sns.clustermap(table.fillna(0), figsize=size, method="average", dendrogram_ratio=(0.1, 0.08), **kwargs)
+        grid = sns.clustermap(table.fillna(0), figsize=size, method="average", dendrogram_ratio=(0.1, 0.08),
+                              cbar_pos=_CBAR_RIGHT, **kwargs)
         ax, fig = grid.ax_heatmap, grid.figure
         fig.suptitle(f"Perturbation effects on programs (* q < {fdr})", fontweight="bold", y=1.02)
     else:
@@ -263,19 +267,21 @@ def effect_heatmap(contrasts: pd.DataFrame, fdr: float, value: str = "effect_std
 # --- 04 enrichment -----------------------------------------------------------------------
 
 def enrichment_dotplot(top: pd.DataFrame, max_term_chars: int = 60):
-    """Program × term dots: size −log10 q, colour combined score (as the original analysis)."""
+    """Program × term dots: size −log10 q, colour log10 combined score (as the original analysis)."""
     data = top.copy()
     data["list"] = data["program"] + np.where(data["side"] == "negative", " (−)", " (+)")
     data["term_label"] = [t if len(t) <= max_term_chars else t[: max_term_chars - 1] + "…" for t in data["term"]]
     data["neglog10q"] = -np.log10(data["qvalue"].clip(lower=1e-300))
     lists = sorted(data["list"].unique())
     terms = list(dict.fromkeys(data.sort_values(["program", "side", "pvalue"])["term_label"]))
-    fig, ax = plt.subplots(figsize=(min(24, 4 + 0.45 * len(lists) + 0.06 * max_term_chars),
-                                    min(30, 2 + 0.28 * len(terms))))
+    fig, ax = plt.subplots(figsize=(min(24, 5 + 0.45 * len(lists) + 0.06 * max_term_chars),
+                                    min(30, 3 + 0.3 * len(terms))))
     x = data["list"].map({v: i for i, v in enumerate(lists)})
     y = data["term_label"].map({v: i for i, v in enumerate(terms)})
     sizes = 20 + 180 * data["neglog10q"] / max(data["neglog10q"].max(), 1e-9)
-    points = ax.scatter(x, y, s=sizes, c=data["combined_score"], cmap="viridis_r", edgecolors="black", linewidths=0.3)
+    # Enrichr's odds ratio explodes for small sets, so the combined score spans decades: colour on log10.
+    colour = np.log10(data["combined_score"].clip(lower=1e-3))
+    points = ax.scatter(x, y, s=sizes, c=colour, cmap="viridis_r", edgecolors="black", linewidths=0.3)
     ax.set_xticks(range(len(lists)))
     ax.set_xticklabels(lists, rotation=90, fontsize=8)
     ax.set_yticks(range(len(terms)))
@@ -285,11 +291,12 @@ def enrichment_dotplot(top: pd.DataFrame, max_term_chars: int = 60):
     ax.set_xlabel("program (+ positive / − negative loadings)")
     ax.set_ylabel("gene set")
     ax.set_title("Top enriched gene sets per program")
-    fig.colorbar(points, ax=ax, fraction=0.03, pad=0.01, label="combined score")
+    fig.colorbar(points, ax=ax, fraction=0.03, pad=0.01, label="log10 combined score")
     for q in (0.05, 1e-3, 1e-6):
         if data["qvalue"].min() <= q:
             ax.scatter([], [], s=20 + 180 * -np.log10(q) / max(data["neglog10q"].max(), 1e-9), c="white",
                        edgecolors="black", label=f"q = {q:g}")
-    ax.legend(title="size: −log10 q", frameon=False, bbox_to_anchor=(1.12, 1.0), loc="upper left")
+    ax.legend(title="size: −log10 q", frameon=False, bbox_to_anchor=(1.0, -0.12 - 0.5 / max(len(terms), 1)),
+              loc="upper right", ncol=3)
     fig.tight_layout()
     return fig

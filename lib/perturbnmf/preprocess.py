@@ -267,7 +267,9 @@ def score_cell_cycle(adata: ad.AnnData, s_genes: list[str], g2m_genes: list[str]
         )
         _log(adata)["cell_cycle"] = summary
         return summary
-    scaled = ad.AnnData(adata.X.copy(), obs=pd.DataFrame(index=adata.obs_names), var=pd.DataFrame(index=adata.var_names))
+    # Scaling centres every gene, so the copy is dense (cells × genes float32) for the time of scoring.
+    dense = adata.X.toarray() if sp.issparse(adata.X) else np.array(adata.X, dtype=np.float32)
+    scaled = ad.AnnData(dense, obs=pd.DataFrame(index=adata.obs_names), var=pd.DataFrame(index=adata.var_names))
     sc.pp.scale(scaled, max_value=10)
     sc.tl.score_genes_cell_cycle(scaled, s_genes=s_present, g2m_genes=g2m_present, random_state=seed)
     for column in ("S_score", "G2M_score", "phase"):
