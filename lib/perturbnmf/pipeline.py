@@ -214,7 +214,7 @@ def show_program_recovery(adata, paths) -> None:
     """Demo only: how well the planted programs were recovered (cosine of loadings)."""
     weights, names = _planted_weights(adata)
     loadings = factorize.loadings(adata)
-    match = _program_match(adata)
+    match = evaluation.match_programs(weights, loadings.to_numpy(), names, list(loadings.columns))
     similarity = evaluation.program_similarity(weights, loadings.to_numpy(), names, list(loadings.columns))
     report.table(match, "Truth check (simulated data): each planted program matched one-to-one to a recovered "
                         "program (Hungarian matching on the cosine similarity of gene loadings).")
