@@ -1,4 +1,5 @@
-"""Tests for perturbnmf._seminmf.SemiNMF (semi-NMF, Ding, Li & Jordan 2010)."""
+"""Tests for perturbnmf._seminmf.SemiNMF with the original analysis's rule (solver="mu",
+Ding, Li & Jordan 2010); the default solver ("hals", SVD start) is tested in test_seminmf_hals.py."""
 
 import warnings
 
@@ -49,6 +50,9 @@ def _matched_cosine(H, H_true):
 
 
 def _fit(X, quiet=True, **kwargs):
+    """Fit with the original analysis's rule unless the test asks otherwise."""
+    kwargs.setdefault("solver", "mu")
+    kwargs.setdefault("init", "random")
     model = SemiNMF(**kwargs)
     with warnings.catch_warnings():
         if quiet:
@@ -218,7 +222,7 @@ def test_updates_match_ding_li_jordan_formulas():
     assert_allclose(_objective(Xs, W, H), 0.5 * np.linalg.norm(X - W @ H) ** 2, rtol=1e-10)
 
     # whole fit: alternate (H step, W step) from a custom W0, compared end to end
-    model = SemiNMF(n_components=4, init="custom", max_iter=3, tol=1e-15)
+    model = SemiNMF(n_components=4, solver="mu", init="custom", max_iter=3, tol=1e-15)
     with pytest.warns(ConvergenceWarning):
         W_fit = model.fit_transform(X, W=W)
     Wk = W.copy()
@@ -256,7 +260,7 @@ def test_dead_component_warns_and_fit_continues():
     X = rng.normal(size=(50, 30))
     W0 = rng.uniform(0.1, 1.0, size=(50, 3))
     W0[:, 1] = 0.0
-    model = SemiNMF(n_components=3, init="custom", max_iter=30)
+    model = SemiNMF(n_components=3, solver="mu", init="custom", max_iter=30)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         with pytest.warns(RuntimeWarning, match="component 1"):
@@ -391,7 +395,7 @@ def test_max_iter_1_warns():
 
 def test_converged_by_tol():
     X, _, _, _ = _planted(9, n=100, m=40, k=3)
-    model = SemiNMF(n_components=3, random_state=0, max_iter=5000, tol=1e-4)
+    model = SemiNMF(n_components=3, solver="mu", init="random", random_state=0, max_iter=5000, tol=1e-4)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
         model.fit(X)
@@ -409,7 +413,7 @@ def test_a_plateau_does_not_stop_the_fit():
     the windowed test must carry on to a clearly lower objective."""
     rng = np.random.default_rng(3)
     X = rng.gamma(1.0, 1.0, size=(400, 60)) @ rng.normal(size=(60, 80)) * 0.05 + rng.normal(size=(400, 80))
-    model = SemiNMF(n_components=5, random_state=0, max_iter=3000, tol=1e-4).fit(X)
+    model = SemiNMF(n_components=5, solver="mu", init="random", random_state=0, max_iter=3000, tol=1e-4).fit(X)
     f = np.concatenate([[model.initial_objective_], model.objective_])
     one_step = (f[:-1] - f[1:]) / f[:-1]
     first_small_step = int(np.argmax(one_step < 1e-4)) + 1
