@@ -59,7 +59,9 @@ def test_shipped_parameter_files_validate(yaml_file, merged):
         ({"run_name": "/abs"}, "'run_name' must be a plain folder name"),
         ({"batch_key": ["a", "b"]}, "'batch_key' must be of type str | None"),
         ({"simulate": "yes"}, "'simulate' must be of type bool"),
-        ({"solver": "als"}, "'solver' must be one of 'mu'"),
+        ({"solver": "als"}, "'solver' must be one of 'hals', 'mu'"),
+        ({"holdout_fraction": 0.9}, "'holdout_fraction' must lie in [0, 0.5]"),
+        ({"n_restarts": 0}, "'n_restarts' must be an integer >= 1"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(values, culprit, merged):

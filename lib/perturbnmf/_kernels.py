@@ -75,3 +75,33 @@ def hals_sweeps(W, XHt, HHt, n_sweeps):  # pragma: no cover - compiled
                     s += W[i, l] * HHt[l, c]
                 value = W[i, c] + (XHt[i, c] - s) / HHt[c, c]
                 W[i, c] = value if value > 0.0 else 0.0
+
+
+@njit(parallel=True, cache=True)
+def nnls_rows(W, XHt, HHt, max_sweeps, tol):  # pragma: no cover - compiled
+    """Per-row non-negative least squares for fixed H by coordinate descent, in place.
+
+    Each row sweeps until one sweep changes it by at most ``tol`` times its norm (or
+    ``max_sweeps``). Returns the largest number of sweeps any row used.
+    """
+    n, k = W.shape
+    used = np.zeros(n, dtype=np.int64)
+    for i in prange(n):
+        for sweep in range(max_sweeps):
+            change = 0.0
+            norm = 0.0
+            for c in range(k):
+                if HHt[c, c] <= 0.0:
+                    continue
+                s = 0.0
+                for l in range(k):
+                    s += W[i, l] * HHt[l, c]
+                value = W[i, c] + (XHt[i, c] - s) / HHt[c, c]
+                value = value if value > 0.0 else 0.0
+                change += (value - W[i, c]) ** 2
+                norm += value * value
+                W[i, c] = value
+            used[i] = sweep + 1
+            if change <= tol * tol * max(norm, 1e-300):
+                break
+    return used.max() if n > 0 else 0

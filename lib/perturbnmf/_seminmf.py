@@ -116,7 +116,7 @@ def _safe_X_Ht(X, H):
     if sp.issparse(X):
         X = X.tocsr()
         return _kernels.csr_times_dense_t(X.indptr, X.indices, X.data, np.ascontiguousarray(H.T, dtype=np.float64))
-    return np.asarray(X @ H.T.astype(X.dtype, copy=False), dtype=np.float64)
+    return np.asarray(X @ np.ascontiguousarray(H.T, dtype=X.dtype), dtype=np.float64)
 
 
 def _safe_Wt_X(X, W):
@@ -135,7 +135,8 @@ def _safe_Wt_X(X, W):
         X = X.tocsr()
         return _kernels.csr_t_times_dense(X.indptr, X.indices, X.data, np.ascontiguousarray(W, dtype=np.float64),
                                           X.shape[1])
-    return np.asarray(W.T.astype(X.dtype, copy=False) @ X, dtype=np.float64)
+    # A C-contiguous Wᵀ lets BLAS stream X once (the transposed view is ~5x slower).
+    return np.asarray(np.ascontiguousarray(W.T, dtype=X.dtype) @ X, dtype=np.float64)
 
 
 def _squared_norm(X):
@@ -600,7 +601,7 @@ def _nnls_rows_cd(B, Q, *, max_sweeps=_TRANSFORM_MAX_SWEEPS, tol=_TRANSFORM_TOL)
 
     Minimises ``0.5 * w Q w^T - w b^T`` over ``w >= 0`` for every row (which
     equals ``0.5 * ||x - w H||^2`` up to a constant when ``Q = H H^T`` and
-    ``b = x H^T``), vectorised over rows.
+    ``b = x H^T``); rows run in parallel in a compiled kernel, each until it is stable.
 
     Parameters
     ----------
@@ -610,38 +611,24 @@ def _nnls_rows_cd(B, Q, *, max_sweeps=_TRANSFORM_MAX_SWEEPS, tol=_TRANSFORM_TOL)
         ``H @ H.T`` (symmetric positive semi-definite).
     max_sweeps : int
     tol : float
-        Stop when a full sweep changes ``W`` by at most ``tol * ||W||_F``.
+        A row stops when a full sweep changes it by at most ``tol`` times its norm.
 
     Returns
     -------
     W : ndarray of shape (n_samples, k)
         Non-negative solution.
     n_sweeps : int
+        The most sweeps any row needed.
     converged : bool
+        Every row stopped by ``tol``.
     """
-    k = Q.shape[0]
     # Warm start: unconstrained least squares, clipped at zero.
     Z, _, _, _ = scipy.linalg.lstsq(Q, B.T, check_finite=False, lapack_driver="gelsd")
     W = np.ascontiguousarray(np.maximum(Z.T, 0.0))
-    diag = np.diag(Q).copy()
-    active = diag > 0
-    W[:, ~active] = 0.0
-    converged = False
-    sweep = 0
-    for sweep in range(1, max_sweeps + 1):
-        change_sq = 0.0
-        for j in range(k):
-            if not active[j]:
-                continue
-            grad = W @ Q[:, j] - B[:, j]
-            new = np.maximum(W[:, j] - grad / diag[j], 0.0)
-            delta = new - W[:, j]
-            change_sq += float(np.dot(delta, delta))
-            W[:, j] = new
-        if np.sqrt(change_sq) <= tol * max(np.linalg.norm(W), _TINY):
-            converged = True
-            break
-    return W, sweep, converged
+    W[:, np.diag(Q) <= 0] = 0.0
+    n_sweeps = int(_kernels.nnls_rows(W, np.ascontiguousarray(B, dtype=np.float64),
+                                      np.ascontiguousarray(Q, dtype=np.float64), max_sweeps, tol))
+    return W, n_sweeps, n_sweeps < max_sweeps
 
 
 # --------------------------------------------------------------------------

@@ -1,11 +1,13 @@
-"""Step 2: semi-NMF of the normalised selected genes, swept over k, stored PCA-style.
+"""Step 2: consensus semi-NMF of the normalised selected genes over a sweep of k, stored PCA-style.
 
 Results go where scanpy users look for them (cf. ``sc.pp.pca``):
 
 * ``obsm['X_snmf']`` — cells × k program usage W (≥ 0), so ``sc.pl.embedding(adata, basis='snmf')`` works;
 * ``varm['snmf_loadings']`` — genes × k signed loadings Hᵀ (zeros for genes not factorised);
 * ``var['snmf_used']`` — the genes that entered the factorisation;
-* ``uns['snmf']`` — k, solver, seed, iterations, objective trace, the error per k, program names.
+* ``uns['snmf']`` — k (and the suggested k with its rule), solver, seed, restarts, iterations and
+  objective trace of the best restart, error, held-out error and stability per k (``sweep``),
+  every restart's programs with their consensus group, program names.
 
 Semi-NMF is scale-ambiguous ((W D)(D⁻¹ H) fits equally well), so each program's loadings are
 scaled to unit L2 norm and W absorbs the scale; programs are then ordered by total usage.
@@ -13,19 +15,16 @@ scaled to unit L2 norm and W absorbs the scale; programs are then ordered by tot
 
 from __future__ import annotations
 
-import time
-import warnings
 from typing import Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from sklearn.exceptions import ConvergenceWarning
 
-from ._seminmf import SemiNMF
+from .consensus import ConsensusSweep, consensus_sweep, refit_usage, relative_error
 
-__all__ = ["factorize", "sweep", "program_names", "usage", "loadings", "normalize_factors"]
+__all__ = ["factorize", "program_names", "usage", "loadings", "normalize_factors", "summary"]
 
 
 def program_names(k: int) -> list[str]:
@@ -34,7 +33,7 @@ def program_names(k: int) -> list[str]:
     return [f"P{i + 1:0{width}d}" for i in range(k)]
 
 
-def normalize_factors(W: np.ndarray, H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def normalize_factors(W: np.ndarray, H: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Unit-L2 rows of H (scale moved into W), programs ordered by total usage (descending).
 
     Parameters
@@ -46,13 +45,15 @@ def normalize_factors(W: np.ndarray, H: np.ndarray) -> tuple[np.ndarray, np.ndar
     -------
     W, H
         Same shapes; ``W @ H`` is unchanged.
+    order : ndarray of shape (k,)
+        ``order[i]`` is the input program placed at position ``i``.
     """
     norms = np.linalg.norm(H, axis=1)
     norms[norms == 0] = 1.0
     W = W * norms
     H = H / norms[:, None]
     order = np.argsort(-W.sum(axis=0), kind="stable")
-    return W[:, order], H[order]
+    return W[:, order], H[order], order
 
 
 def _check_k_values(k_values: list[int], n_cells: int, n_genes: int) -> None:
@@ -66,63 +67,30 @@ def _check_k_values(k_values: list[int], n_cells: int, n_genes: int) -> None:
         )
 
 
-def sweep(
-    X, k_values: list[int], solver: str = "mu", max_iter: int = 500, tol: float = 1e-4, seed: int = 0
-) -> tuple[pd.DataFrame, dict[int, tuple[SemiNMF, np.ndarray]]]:
-    """Fit one semi-NMF per k.
-
-    Parameters
-    ----------
-    X : ndarray or sparse matrix of shape (n_cells, n_genes)
-
-    Returns
-    -------
-    table : DataFrame
-        One row per k: ``k, reconstruction_err, relative_error, n_iter, converged, seconds``.
-        ``relative_error`` is ‖X − WH‖_F / ‖X‖_F.
-    fits : dict
-        ``{k: (fitted SemiNMF, W)}``; ``model.transform`` gives the usage of new cells.
-    """
-    _check_k_values(k_values, *X.shape)
-    norm_x = np.sqrt(X.multiply(X).sum()) if sp.issparse(X) else np.linalg.norm(X)
-    rows, fits = [], {}
-    for k in sorted(k_values):
-        model = SemiNMF(n_components=k, solver=solver, max_iter=max_iter, tol=tol, random_state=seed)
-        start = time.perf_counter()
-        with warnings.catch_warnings():
-            # Non-convergence is reported in the table, per k, instead of as a warning.
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            W = model.fit_transform(X)
-        rows.append({
-            "k": k,
-            "reconstruction_err": float(model.reconstruction_err_),
-            "relative_error": float(model.reconstruction_err_ / norm_x) if norm_x > 0 else np.nan,
-            "n_iter": int(model.n_iter_),
-            "converged": bool(model.converged_),
-            "seconds": time.perf_counter() - start,
-        })
-        fits[k] = (model, W)
-    return pd.DataFrame(rows), fits
-
-
 def factorize(
     adata: ad.AnnData,
     k_values: list[int],
-    k: int,
-    solver: str = "mu",
+    k: int | None = None,
+    n_restarts: int = 5,
+    solver: str = "hals",
     max_iter: int = 500,
     tol: float = 1e-4,
+    holdout_fraction: float = 0.1,
     seed: int = 0,
+    n_jobs: int | None = None,
     layer: str = "normalized",
     mask_var: str = "highly_variable",
-) -> pd.DataFrame:
-    """Sweep k on ``layers[layer]`` restricted to ``var[mask_var]``; keep the model for ``k``.
+) -> ConsensusSweep:
+    """Consensus semi-NMF over a sweep of k on ``layers[layer]`` restricted to ``var[mask_var]``.
 
-    Writes ``obsm['X_snmf']``, ``varm['snmf_loadings']``, ``var['snmf_used']`` and
-    ``uns['snmf']`` (see module docstring) and returns the sweep table.
+    For each k, ``n_restarts`` fits (see :func:`perturbnmf.consensus.consensus_sweep`) give
+    error, held-out error and stability; the kept model is the consensus for ``k`` (the
+    suggested k when ``k`` is None), with usage refitted on all cells. Writes
+    ``obsm['X_snmf']``, ``varm['snmf_loadings']``, ``var['snmf_used']`` and ``uns['snmf']``
+    (see module docstring) and returns the sweep.
     """
-    if k not in k_values:
-        raise ValueError(f"'k' ({k}) must be one of 'k_values' {k_values}.")
+    if k is not None and k not in k_values:
+        raise ValueError(f"'k' ({k}) must be one of 'k_values' {k_values}, or None to use the suggested k.")
     if layer not in adata.layers:
         raise ValueError(f"Layer {layer!r} is missing; run the preprocess step first (it writes 'normalized').")
     if mask_var not in adata.var:
@@ -130,30 +98,48 @@ def factorize(
     used = adata.var[mask_var].to_numpy(dtype=bool)
     X = adata.layers[layer][:, used]
     X = sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X)
-    table, fits = sweep(X, k_values, solver=solver, max_iter=max_iter, tol=tol, seed=seed)
-    model, W = fits[k]
-    W, H = normalize_factors(W, model.components_)
-    names = program_names(k)
-    loadings_all = np.zeros((adata.n_vars, k))
+    _check_k_values(k_values, *X.shape)
+    result = consensus_sweep(X, k_values, n_restarts=n_restarts, solver=solver, max_iter=max_iter, tol=tol,
+                             holdout_fraction=holdout_fraction, random_state=seed, n_jobs=n_jobs)
+    chosen = result.suggested_k if k is None else k
+    H = result.components[chosen]
+    W, H, order = normalize_factors(refit_usage(X, H), H)
+    position = np.argsort(order)  # consensus group -> program position
+    names = program_names(chosen)
+    loadings_all = np.zeros((adata.n_vars, chosen))
     loadings_all[used] = H.T
+    table = result.table
+    row = table.loc[table["k"] == chosen].iloc[0]
     adata.obsm["X_snmf"] = W.astype(np.float32)
     adata.varm["snmf_loadings"] = loadings_all
     adata.var["snmf_used"] = used
+    trace = np.asarray(result.best_traces[chosen], dtype=float)
     adata.uns["snmf"] = {
-        "k": int(k),
+        "k": int(chosen),
+        "suggested_k": int(result.suggested_k),
+        "k_rule": result.rule,
+        "k_source": "suggested" if k is None else "parameter k",
         "program_names": names,
         "solver": solver,
         "seed": int(seed),
-        "n_iter": int(model.n_iter_),
-        "converged": bool(model.converged_),
-        "objective": np.asarray(model.objective_, dtype=float),
-        "reconstruction_err": float(model.reconstruction_err_),
-        "relative_error": float(table.loc[table["k"] == k, "relative_error"].iloc[0]),
+        "consensus": True,
+        "n_restarts": int(n_restarts),
+        "n_iter": int(len(trace)),
+        "converged": bool(row["n_converged"] == n_restarts),
+        "objective": trace,
+        "relative_error": float(relative_error(X, W, H)),
+        "holdout_relative_error": float(row["holdout_relative_error"]),
+        "stability": float(row["stability"]),
         "sweep": table,
+        "restart_programs": result.restart_components[chosen][0],
+        "restart_labels": position[result.restart_components[chosen][1]].astype(np.int64),
         "params": {"k_values": [int(v) for v in k_values], "max_iter": int(max_iter), "tol": float(tol),
-                   "layer": layer, "mask_var": mask_var, "n_genes": int(used.sum()), "n_cells": int(adata.n_obs)},
+                   "holdout_fraction": float(holdout_fraction), "layer": layer, "mask_var": mask_var,
+                   "n_genes": int(used.sum()), "n_cells": int(adata.n_obs),
+                   "n_jobs": int(table.attrs.get("n_jobs", 1)),
+                   "sweep_seconds": float(table.attrs.get("wall_seconds", np.nan))},
     }
-    return table
+    return result
 
 
 def usage(adata: ad.AnnData) -> pd.DataFrame:
@@ -172,4 +158,5 @@ def loadings(adata: ad.AnnData) -> pd.DataFrame:
 def summary(adata: ad.AnnData) -> dict[str, Any]:
     """The chosen model's headline numbers."""
     info = adata.uns["snmf"]
-    return {key: info[key] for key in ("k", "solver", "seed", "n_iter", "converged", "relative_error")}
+    return {key: info[key] for key in ("k", "suggested_k", "solver", "seed", "n_restarts", "relative_error",
+                                       "holdout_relative_error", "stability")}

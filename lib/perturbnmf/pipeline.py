@@ -22,7 +22,7 @@ from .provenance import REPO_ROOT
 
 __all__ = [
     "resolve", "write_simulated_inputs", "check_gene_sets", "library_name", "write_h5ad", "read_h5ad",
-    "show_input", "show_simulation_truth", "show_qc", "show_cell_cycle", "show_factorization",
+    "show_input", "show_simulation_truth", "show_qc", "show_cell_cycle", "show_k_selection", "show_factorization",
     "show_program_recovery", "show_effect_recovery", "show_top_genes", "show_enrichment", "write_summary_workbook",
 ]
 
@@ -181,16 +181,44 @@ def show_cell_cycle(adata, summary: dict[str, Any], perturbation_key: str) -> No
     plt.show()
 
 
+def show_k_selection(adata, k_table: pd.DataFrame, paths) -> None:
+    """The sweep table, the rule that suggested k and the k-selection plot; k_selection.json for the index."""
+    info = adata.uns["snmf"]
+    paths.k_selection_json.write_text(json.dumps(
+        {key: info[key] for key in ("k", "suggested_k", "k_rule", "k_source", "relative_error",
+                                    "holdout_relative_error", "stability")}, indent=2))
+    report.table(k_table, f"Per k, {info['n_restarts']} semi-NMF restarts ({info['solver']} solver) on "
+                 f"{1 - info['params']['holdout_fraction']:.0%} of the cells: relative error of the consensus model "
+                 "on those cells and on the held-out cells (usage refitted, programs fixed), of the best single "
+                 "restart, stability (silhouette of all restarts' unit-norm programs grouped into k consensus "
+                 "programs; 1 = every restart finds the same programs), median iterations, restarts that "
+                 "converged, fit time summed over restarts.", max_rows=50)
+    chosen = (f"Kept k = {info['k']}, the suggested k." if info["k_source"] == "suggested"
+              else f"Kept k = {info['k']}, set by the parameter k (the suggestion was {info['suggested_k']}).")
+    report.note(f"{info['k_rule']} {chosen}")
+    plotting.k_selection(k_table, info["k"], info["suggested_k"])
+    plt.show()
+    if info["stability"] < 0.5:
+        report.warning(
+            f"Stability at k = {info['k']} is {info['stability']:.2f}: restarts find different programs. "
+            "Semi-NMF is unique only up to mixing programs (W → WQ with H free), so the consensus programs "
+            "are the medians of groups that differ; interpret single programs with care."
+        )
+
+
 def show_factorization(adata) -> None:
     info = adata.uns["snmf"]
-    state = "converged" if info["converged"] else "stopped at max_iter without converging"
     report.note(
-        f"Kept k = {info['k']} ({info['solver']} solver, seed {info['seed']}): {state} after {info['n_iter']} "
-        f"iterations, relative error {info['relative_error']:.4f}. Stored in obsm['X_snmf'] (usage), "
-        "varm['snmf_loadings'] (loadings, unit L2 norm per program) and uns['snmf']."
+        f"The kept model is the consensus of {info['n_restarts']} restarts at k = {info['k']}: each program is the "
+        "median of its group of restart programs, and every cell's usage is refitted to them by non-negative "
+        f"least squares. Relative error {info['relative_error']:.4f} on all cells, "
+        f"{info['holdout_relative_error']:.4f} on held-out cells; stability {info['stability']:.2f}. Stored in "
+        "obsm['X_snmf'] (usage), varm['snmf_loadings'] (loadings, unit L2 norm per program) and uns['snmf']."
     )
+    plotting.restart_similarity(info["restart_programs"], np.asarray(info["restart_labels"]), info["program_names"])
+    plt.show()
     if not info["converged"]:
-        report.warning("The chosen model did not converge: raise max_iter or tol.")
+        report.warning("Not every restart of the kept k converged within max_iter: raise max_iter or tol.")
 
 
 def _planted_weights(adata) -> tuple[np.ndarray, list[str]]:

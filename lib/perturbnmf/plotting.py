@@ -14,7 +14,7 @@ import seaborn as sns
 
 __all__ = [
     "qc_distributions", "gene_selection", "cells_per_group", "cell_cycle_phases",
-    "k_sweep", "objective_trace", "usage_heatmap", "loadings_heatmap", "similarity_heatmap",
+    "k_selection", "restart_similarity", "objective_trace", "usage_heatmap", "loadings_heatmap", "similarity_heatmap",
     "program_boxplots", "effect_heatmap", "enrichment_dotplot",
 ]
 
@@ -111,33 +111,66 @@ def cell_cycle_phases(obs: pd.DataFrame, perturbation_key: str):
 
 # --- 02 factorize ------------------------------------------------------------------------
 
-def k_sweep(table: pd.DataFrame, k: int):
-    """Relative reconstruction error vs k, the chosen k marked."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(table["k"], table["relative_error"], "o-", color="#1f77b4")
-    chosen = table.loc[table["k"] == k]
-    ax.scatter(chosen["k"], chosen["relative_error"], s=160, facecolors="none", edgecolors="#d62728",
-               linewidths=2, label=f"chosen k = {k}", zorder=3)
-    not_converged = table.loc[~table["converged"]]
-    if len(not_converged):
-        ax.scatter(not_converged["k"], not_converged["relative_error"], marker="x", color="black",
-                   label="did not converge within max_iter", zorder=4)
-    ax.set_xlabel("number of programs k")
-    ax.set_ylabel("relative error ‖X − WH‖ / ‖X‖")
-    ax.set_title("Reconstruction error vs k")
-    ax.legend(frameon=False)
+def k_selection(table: pd.DataFrame, k: int, suggested_k: int):
+    """Error (all cells and held-out cells) and stability vs k; suggested and chosen k marked."""
+    fig, (ax_err, ax_stab) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_err.plot(table["k"], table["relative_error"], "o-", color="#1f77b4", label="consensus model, training cells")
+    if table["holdout_relative_error"].notna().all():
+        ax_err.plot(table["k"], table["holdout_relative_error"], "s--", color="#ff7f0e",
+                    label="consensus model, held-out cells")
+    ax_err.plot(table["k"], table["best_restart_relative_error"], ":", color="#7f7f7f", label="best single restart")
+    ax_err.set_ylabel("relative error ‖X − WH‖ / ‖X‖")
+    ax_err.set_title("Reconstruction error vs k")
+    ax_stab.plot(table["k"], table["stability"], "o-", color="#2ca02c")
+    ax_stab.set_ylabel("stability (silhouette of restarts' programs)")
+    ax_stab.set_title("Stability of programs across restarts vs k")
+    ax_stab.set_ylim(min(0.0, float(np.nanmin(table["stability"])) - 0.05) if table["stability"].notna().any() else 0, 1.02)
+    for ax in (ax_err, ax_stab):
+        ax.axvline(suggested_k, color="#9467bd", linestyle="--", linewidth=1, label=f"suggested k = {suggested_k}")
+        if k != suggested_k:
+            ax.axvline(k, color="#d62728", linewidth=1.5, label=f"chosen k = {k} (parameter)")
+        ax.set_xlabel("number of programs k")
+        ax.set_xticks(table["k"])
+    ax_err.legend(frameon=False, fontsize=8)
+    ax_stab.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def restart_similarity(programs: np.ndarray, labels: np.ndarray, names: list[str] | None = None):
+    """Cosine similarity of every restart's programs, grouped by consensus program (cNMF's clustergram)."""
+    order = np.argsort(labels, kind="stable")
+    similarity = programs[order] @ programs[order].T
+    fig, ax = plt.subplots(figsize=(7, 6))
+    image = ax.imshow(similarity, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+    bounds = np.flatnonzero(np.diff(labels[order])) + 0.5
+    for b in bounds:
+        ax.axhline(b, color="black", linewidth=0.4)
+        ax.axvline(b, color="black", linewidth=0.4)
+    starts = np.concatenate([[0], np.ceil(bounds).astype(int)])
+    stops = np.concatenate([np.ceil(bounds).astype(int), [len(order)]])
+    centres = (starts + stops - 1) / 2
+    ticks = names if names is not None else [f"group {c + 1}" for c in range(len(centres))]
+    ax.set_xticks(centres)
+    ax.set_xticklabels(ticks, rotation=90, fontsize=7)
+    ax.set_yticks(centres)
+    ax.set_yticklabels(ticks, fontsize=7)
+    ax.set_xlabel("restart programs, grouped by consensus program")
+    ax.set_ylabel("restart programs")
+    ax.set_title("Agreement of restarts (cosine of unit-norm programs)")
+    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label="cosine similarity")
     fig.tight_layout()
     return fig
 
 
 def objective_trace(objective: np.ndarray, k: int):
-    """The objective ½‖X − WH‖² at every iteration of the chosen model."""
+    """The objective ½‖X − WH‖² at every iteration of the best restart for the chosen k."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(np.arange(1, len(objective) + 1), objective, color="#2ca02c")
     ax.set_yscale("log")
     ax.set_xlabel("iteration")
     ax.set_ylabel("½‖X − WH‖²")
-    ax.set_title(f"Convergence of the chosen model (k = {k})")
+    ax.set_title(f"Convergence of the best restart (k = {k})")
     fig.tight_layout()
     return fig
 

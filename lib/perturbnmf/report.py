@@ -55,7 +55,7 @@ class RunPaths:
             "program_anova": "program_anova.csv", "program_contrasts": "program_contrasts.csv",
             "enrichment": "enrichment.csv", "top_genes": "top_genes.csv", "top_terms": "top_terms.csv",
             "k_sweep": "k_sweep.csv", "summary_xlsx": "summary.xlsx", "run_json": "run.json",
-            "recovery_json": "demo_recovery.json",
+            "recovery_json": "demo_recovery.json", "k_selection_json": "k_selection.json",
         }
         if name in files:
             return self.data / files[name]
@@ -172,12 +172,12 @@ def write_index(paths: RunPaths, record: dict[str, Any], fdr: float = 0.05, n_hi
     parts.append('<p>Gene programs learned by semi-NMF from a Perturb-seq screen, the perturbations that shift '
                  'them against non-targeting controls, and the gene sets that describe them.</p>')
     cards = []
-    if paths.factorized.exists() or paths.k_sweep.exists():
-        sweep = pd.read_csv(paths.k_sweep) if paths.k_sweep.exists() else None
-        k = record["parameters"].get("k")
-        cards.append(("programs (k)", k))
-        if sweep is not None and k in set(sweep["k"]):
-            cards.append(("relative error", f"{sweep.loc[sweep['k'] == k, 'relative_error'].iloc[0]:.3f}"))
+    if paths.k_selection_json.exists():
+        selection = json.loads(paths.k_selection_json.read_text())
+        cards.append(("programs (k)", selection["k"]))
+        cards.append(("suggested k", selection["suggested_k"]))
+        cards.append(("held-out relative error", f"{selection['holdout_relative_error']:.3f}"))
+        cards.append(("stability", f"{selection['stability']:.2f}"))
     if paths.program_anova.exists():
         anova = pd.read_csv(paths.program_anova)
         cards.append((f"programs differing across groups (q < {fdr})", int((anova["qvalue"] < fdr).sum())))
