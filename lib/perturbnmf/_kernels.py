@@ -61,20 +61,31 @@ def hals_sweeps(W, XHt, HHt, n_sweeps):  # pragma: no cover - compiled
     """Exact coordinate descent on ``min_{W ≥ 0} ½‖X − W H‖²`` for fixed H, in place.
 
     Rows are independent, so each row runs ``n_sweeps`` passes over its k entries:
-    ``w_ic ← max(0, w_ic + (XHt_ic − Σ_l w_il HHt_lc) / HHt_cc)``. A component with
-    ``HHt_cc == 0`` (a zero row of H) is left unchanged.
+    ``w_ic ← max(0, w_ic − g_c / HHt_cc)`` with the row's gradient ``g = w HHt − XHt_i``,
+    which is kept up to date in O(k) per changed entry (entries held at zero cost nothing).
+    A component with ``HHt_cc == 0`` (a zero row of H) is left unchanged.
     """
     n, k = W.shape
     for i in prange(n):
+        g = np.empty(k)
+        for c in range(k):
+            acc = -XHt[i, c]
+            for l in range(k):
+                acc += W[i, l] * HHt[l, c]
+            g[c] = acc
         for _ in range(n_sweeps):
             for c in range(k):
-                if HHt[c, c] <= 0.0:
+                d = HHt[c, c]
+                if d <= 0.0:
                     continue
-                s = 0.0
-                for l in range(k):
-                    s += W[i, l] * HHt[l, c]
-                value = W[i, c] + (XHt[i, c] - s) / HHt[c, c]
-                W[i, c] = value if value > 0.0 else 0.0
+                new = W[i, c] - g[c] / d
+                if new < 0.0:
+                    new = 0.0
+                delta = new - W[i, c]
+                if delta != 0.0:
+                    W[i, c] = new
+                    for l in range(k):
+                        g[l] += delta * HHt[c, l]
 
 
 @njit(parallel=True, cache=True)
@@ -94,8 +105,8 @@ def nnls_rows(W, XHt, HHt, max_sweeps, tol):  # pragma: no cover - compiled
                 if HHt[c, c] <= 0.0:
                     continue
                 s = 0.0
-                for l in range(k):
-                    s += W[i, l] * HHt[l, c]
+                for l in range(k):  # HHt is symmetric: read row c, contiguous
+                    s += W[i, l] * HHt[c, l]
                 value = W[i, c] + (XHt[i, c] - s) / HHt[c, c]
                 value = value if value > 0.0 else 0.0
                 change += (value - W[i, c]) ** 2
