@@ -116,3 +116,21 @@ def nnls_rows(W, XHt, HHt, max_sweeps, tol):  # pragma: no cover - compiled
             if change <= tol * tol * max(norm, 1e-300):
                 break
     return used.max() if n > 0 else 0
+
+
+@njit(parallel=True, cache=True)
+def sum_of_squares(values):  # pragma: no cover - compiled
+    """Σ v² in float64 over a 1-D array of any float dtype (fixed blocks: thread-count independent)."""
+    n = values.shape[0]
+    block = (n + N_BLOCKS - 1) // N_BLOCKS
+    partial = np.zeros(N_BLOCKS)
+    for b in prange(N_BLOCKS):
+        acc = 0.0
+        for i in range(b * block, min(n, (b + 1) * block)):
+            v = np.float64(values[i])
+            acc += v * v
+        partial[b] = acc
+    total = 0.0
+    for b in range(N_BLOCKS):
+        total += partial[b]
+    return total
