@@ -63,12 +63,12 @@ def test_compiled_products_do_not_depend_on_the_thread_count():
     assert_array_equal(results[0], results[1])
 
 
-def test_hals_sweeps_solve_the_w_subproblem():
+def test_coordinate_descent_solves_the_w_subproblem():
     """Many sweeps reach the KKT point of min_{W>=0} ½||X - WH||² for fixed H."""
     rng = np.random.default_rng(3)
     X, H = rng.normal(size=(60, 30)), rng.normal(size=(4, 30))
     W = rng.random((60, 4))
-    _kernels.hals_sweeps(W, X @ H.T, H @ H.T, 500)
+    _kernels.coordinate_descent_rows(W, X @ H.T, H @ H.T, 500, 0.0)
     gradient = W @ (H @ H.T) - X @ H.T
     assert np.all(W >= 0)
     assert np.abs(gradient[W > 0]).max() < 1e-8  # zero gradient on the support

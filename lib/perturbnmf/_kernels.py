@@ -57,15 +57,23 @@ def csr_t_times_dense(indptr, indices, data, W, n_features):  # pragma: no cover
 
 
 @njit(parallel=True, cache=True)
-def hals_sweeps(W, XHt, HHt, n_sweeps):  # pragma: no cover - compiled
+def coordinate_descent_rows(W, XHt, HHt, max_sweeps, tol):  # pragma: no cover - compiled
     """Exact coordinate descent on ``min_{W ≥ 0} ½‖X − W H‖²`` for fixed H, in place.
 
-    Rows are independent, so each row runs ``n_sweeps`` passes over its k entries:
-    ``w_ic ← max(0, w_ic − g_c / HHt_cc)`` with the row's gradient ``g = w HHt − XHt_i``,
-    which is kept up to date in O(k) per changed entry (entries held at zero cost nothing).
-    A component with ``HHt_cc == 0`` (a zero row of H) is left unchanged.
+    Rows are independent; each runs up to ``max_sweeps`` passes over its k entries,
+    ``w_ic ← max(0, w_ic − g_c / HHt_cc)`` with the row's gradient ``g = w HHt − XHt_i`` kept
+    up to date in O(k) per changed entry (entries held at zero cost nothing), and stops
+    early when a sweep changes it by at most ``tol`` times its norm (``tol = 0``: only when
+    nothing changes). A component with ``HHt_cc == 0`` (a zero row of H) is left unchanged.
+    HALS runs a few sweeps per pass over X; ``transform`` runs to tolerance.
+
+    Returns
+    -------
+    int
+        The most sweeps any row used.
     """
     n, k = W.shape
+    used = np.zeros(n, dtype=np.int64)
     for i in prange(n):
         g = np.empty(k)
         for c in range(k):
@@ -73,7 +81,8 @@ def hals_sweeps(W, XHt, HHt, n_sweeps):  # pragma: no cover - compiled
             for l in range(k):
                 acc += W[i, l] * HHt[l, c]
             g[c] = acc
-        for _ in range(n_sweeps):
+        for sweep in range(max_sweeps):
+            change = 0.0
             for c in range(k):
                 d = HHt[c, c]
                 if d <= 0.0:
@@ -84,36 +93,14 @@ def hals_sweeps(W, XHt, HHt, n_sweeps):  # pragma: no cover - compiled
                 delta = new - W[i, c]
                 if delta != 0.0:
                     W[i, c] = new
+                    change += delta * delta
                     for l in range(k):
                         g[l] += delta * HHt[c, l]
-
-
-@njit(parallel=True, cache=True)
-def nnls_rows(W, XHt, HHt, max_sweeps, tol):  # pragma: no cover - compiled
-    """Per-row non-negative least squares for fixed H by coordinate descent, in place.
-
-    Each row sweeps until one sweep changes it by at most ``tol`` times its norm (or
-    ``max_sweeps``). Returns the largest number of sweeps any row used.
-    """
-    n, k = W.shape
-    used = np.zeros(n, dtype=np.int64)
-    for i in prange(n):
-        for sweep in range(max_sweeps):
-            change = 0.0
+            used[i] = sweep + 1
             norm = 0.0
             for c in range(k):
-                if HHt[c, c] <= 0.0:
-                    continue
-                s = 0.0
-                for l in range(k):  # HHt is symmetric: read row c, contiguous
-                    s += W[i, l] * HHt[c, l]
-                value = W[i, c] + (XHt[i, c] - s) / HHt[c, c]
-                value = value if value > 0.0 else 0.0
-                change += (value - W[i, c]) ** 2
-                norm += value * value
-                W[i, c] = value
-            used[i] = sweep + 1
-            if change <= tol * tol * max(norm, 1e-300):
+                norm += W[i, c] * W[i, c]
+            if change <= tol * tol * norm:
                 break
     return used.max() if n > 0 else 0
 

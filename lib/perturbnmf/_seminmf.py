@@ -489,7 +489,8 @@ def _hals_iteration(X, W, H, XHt, HHt, rng):
         Components re-seeded in this iteration.
     """
     W = np.array(W, dtype=np.float64, order="C", copy=True)
-    _kernels.hals_sweeps(W, np.ascontiguousarray(XHt), np.ascontiguousarray(HHt), _hals_inner_sweeps(X, W.shape[1]))
+    _kernels.coordinate_descent_rows(W, np.ascontiguousarray(XHt), np.ascontiguousarray(HHt),
+                                     _hals_inner_sweeps(X, W.shape[1]), 0.0)
     dead = _dead_components(W)
     if dead.size:
         scale = float(W.mean()) if W.any() else 1.0
@@ -633,8 +634,8 @@ def _nnls_rows_cd(B, Q, *, max_sweeps=_TRANSFORM_MAX_SWEEPS, tol=_TRANSFORM_TOL)
     Z, _, _, _ = scipy.linalg.lstsq(Q, B.T, check_finite=False, lapack_driver="gelsd")
     W = np.ascontiguousarray(np.maximum(Z.T, 0.0))
     W[:, np.diag(Q) <= 0] = 0.0
-    n_sweeps = int(_kernels.nnls_rows(W, np.ascontiguousarray(B, dtype=np.float64),
-                                      np.ascontiguousarray(Q, dtype=np.float64), max_sweeps, tol))
+    n_sweeps = int(_kernels.coordinate_descent_rows(W, np.ascontiguousarray(B, dtype=np.float64),
+                                                    np.ascontiguousarray(Q, dtype=np.float64), max_sweeps, tol))
     return W, n_sweeps, n_sweeps < max_sweeps
 
 
