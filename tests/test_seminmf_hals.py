@@ -144,11 +144,13 @@ def test_float32_matches_float64():
     assert matched_cosine(W32.components_, W64.components_).min() > 0.999
 
 
-def test_sparse_input_is_not_copied_when_already_float32_csr():
+def test_input_is_not_copied_when_already_float32_csr_or_dense():
     X = log_normalised_like(9).astype(np.float32)
     before = X.data.copy()
     model = SemiNMF(n_components=4, random_state=0)
     assert model._validate_X(X, reset=True).data is X.data
+    dense = X.toarray().astype(np.float64)
+    assert model._validate_X(dense, reset=True) is dense  # a dense array is used as it is
     model.fit(X)
     assert_array_equal(X.data, before)
 
@@ -159,7 +161,7 @@ def test_dense_equals_sparse_and_same_seed_is_identical():
     a = SemiNMF(**kwargs).fit_transform(X)
     b = SemiNMF(**kwargs).fit_transform(X)
     assert_array_equal(a, b)
-    c = SemiNMF(**kwargs).fit_transform(X.toarray())  # float32 BLAS accumulates in float32
+    c = SemiNMF(**kwargs).fit_transform(X.toarray())  # dense float64 as is vs sparse read as float32
     assert_allclose(a, c, rtol=1e-3, atol=1e-5)
     d = SemiNMF(**{**kwargs, "random_state": 4}, init="random").fit_transform(X)
     assert not np.allclose(a, d)

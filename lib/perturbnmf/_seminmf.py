@@ -675,10 +675,10 @@ class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         Stop when the objective ``f`` decreased by less than ``tol`` (relative)
         over the last 10 iterations: ``(f[t-10] - f[t]) / f[t-10] < tol``.
     dtype : {"auto", "float32", "float64"}, default="auto"
-        Precision in which X is read: ``"auto"`` is float32 for ``"hals"`` (half
-        the memory traffic; products and objective accumulate in float64) and
-        float64 for ``"mu"`` (as the original analysis). X already in that dtype
-        is used as is; otherwise only its values are converted (never densified).
+        Precision in which X is read: ``"auto"`` reads a sparse X as float32 for
+        ``"hals"`` (half the memory traffic; products and objective accumulate in
+        float64) and float64 for ``"mu"`` (as the original analysis), converting
+        only its values (never densified), and uses a dense float X as it is.
     random_state : int, numpy.random.Generator, RandomState or None, default=None
         Seed of the initialisation and of re-seeded components.
     verbose : int, default=0
@@ -803,7 +803,8 @@ class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 X = sp.csr_matrix((X.data.astype(dtype), X.indices, X.indptr), shape=X.shape, copy=False)
             values = X.data
         else:
-            X = X.astype(dtype, copy=False)
+            if self.dtype != "auto":  # "auto" uses a dense float array as it is: no copy
+                X = X.astype(dtype, copy=False)
             values = X
         if not np.all(np.isfinite(values)):
             n_nan = int(np.count_nonzero(np.isnan(values)))
