@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 
 STEMS = ["01_preprocess", "02_factorize", "03_stats", "04_enrichment"]
 DATA_FILES = ["preprocessed.h5ad", "factorized.h5ad", "program_anova.csv", "program_contrasts.csv",
-              "enrichment.csv", "top_genes.csv", "summary.xlsx", "run.json"]
+              "enrichment.csv", "top_genes.csv", "summary.xlsx", "run.json", "k_sweep.csv", "k_selection.json",
+              "calibration_null.csv"]
 
 
 def run_pipeline(tmp_path, **params):
@@ -114,6 +115,14 @@ def test_tables_are_well_formed(tiny_run):
     assert {s: v["status"] for s, v in run["steps"].items()} == dict.fromkeys(
         ["preprocess", "factorize", "stats", "enrichment"], "ok")
     assert run["parameters"]["k"] == 9
+
+
+def test_calibration_null_uses_the_control_guides(tiny_run):
+    null = pd.read_csv(tiny_run[0] / "data" / "calibration_null.csv")
+    assert set(null["null_split"]) == {"control guide"}
+    assert null["perturbation"].str.startswith("null:NTg").all()
+    assert null["pvalue"].between(0, 1).all()
+    assert "Calibration: the same test on control cells only" in (tiny_run[0] / "03_stats.html").read_text()
 
 
 def test_demo_truth_is_checked_in_the_report(tiny_run):

@@ -15,7 +15,7 @@ import seaborn as sns
 __all__ = [
     "qc_distributions", "gene_selection", "cells_per_group", "cell_cycle_phases",
     "k_selection", "restart_similarity", "objective_trace", "usage_heatmap", "loadings_heatmap", "similarity_heatmap",
-    "program_boxplots", "effect_heatmap", "enrichment_dotplot",
+    "program_boxplots", "effect_heatmap", "null_qq", "enrichment_dotplot",
 ]
 
 CONTROL_COLOR = "#7f7f7f"
@@ -294,6 +294,38 @@ def effect_heatmap(contrasts: pd.DataFrame, fdr: float, value: str = "effect_std
         ax.set_title(f"Perturbation effects on programs (* q < {fdr})")
     ax.set_xlabel("program")
     ax.set_ylabel("perturbation")
+    return fig
+
+
+def _qq_points(values):
+    p = np.asarray(values, dtype=float)
+    p = np.sort(np.clip(p[np.isfinite(p)], 1e-300, 1.0))
+    expected = -np.log10((np.arange(1, p.size + 1) - 0.5) / max(p.size, 1))
+    return expected, -np.log10(p)
+
+
+def null_qq(null_pvalues, real_pvalues=None):
+    """QQ plots of −log10 p: the test on control-only pseudo-perturbations alone, and beside the real tests."""
+    panels = [("Null: control cells only", [(null_pvalues, "#7f7f7f", "null")])]
+    if real_pvalues is not None:
+        panels.append(("Null and real perturbations",
+                       [(null_pvalues, "#7f7f7f", "null"), (real_pvalues, "#d62728", "real perturbations")]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
+    for ax, (title, series) in zip(axes.flat, panels):
+        top = 0.0
+        for values, colour, label in series:
+            expected, observed = _qq_points(values)
+            if expected.size:
+                ax.scatter(expected, observed, s=9, color=colour, label=f"{label} ({expected.size} tests)",
+                           rasterized=True)
+                top = max(top, float(expected.max()), float(observed.max()) if label == "null" else 0.0)
+        ax.plot([0, top], [0, top], color="black", linewidth=0.8, linestyle="--", label="calibrated (y = x)")
+        ax.set_xlabel("expected −log10 p (uniform)")
+        ax.set_ylabel("observed −log10 p")
+        ax.set_title(title)
+        ax.legend(frameon=False, fontsize=8, loc="upper left")
+    fig.suptitle("Calibration of the perturbation test", fontweight="bold")
+    fig.tight_layout()
     return fig
 
 

@@ -56,6 +56,7 @@ class RunPaths:
             "enrichment": "enrichment.csv", "top_genes": "top_genes.csv", "top_terms": "top_terms.csv",
             "k_sweep": "k_sweep.csv", "summary_xlsx": "summary.xlsx", "run_json": "run.json",
             "recovery_json": "demo_recovery.json", "k_selection_json": "k_selection.json",
+            "calibration_null": "calibration_null.csv",
         }
         if name in files:
             return self.data / files[name]

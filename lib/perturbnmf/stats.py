@@ -8,6 +8,8 @@ which programs respond to the perturbations:
   between perturbation groups at all (optionally adjusting for batch)?
 * :func:`program_contrasts` -- every perturbation against the control cells,
   per program (Welch t-test, effect sizes).
+* :func:`control_null`, :func:`calibration_summary` -- the same contrast test on
+  pseudo-perturbations of control cells only, and how its p-values behave.
 * :func:`benjamini_hochberg` -- the FDR correction used by both (and by
   :mod:`perturbnmf.enrichment`).
 
@@ -29,7 +31,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as _sps
 
-__all__ = ["benjamini_hochberg", "program_anova", "program_contrasts"]
+__all__ = ["benjamini_hochberg", "program_anova", "program_contrasts", "control_null", "calibration_summary"]
 
 ANOVA_COLUMNS = ["program", "F", "pvalue", "qvalue", "df_group", "df_resid", "eta_squared"]
 CONTRAST_COLUMNS = [
@@ -471,3 +473,100 @@ def _empty_contrasts(columns: list[str]) -> pd.DataFrame:
         "n_control": int,
     }
     return pd.DataFrame({c: pd.Series(dtype=dtypes.get(c, float)) for c in columns})
+
+
+# --------------------------------------------------------------------------- #
+# Calibration on a built-in null
+# --------------------------------------------------------------------------- #
+def control_null(
+    usage: pd.DataFrame,
+    groups,
+    control_label: str,
+    guides=None,
+    batch=None,
+    n_pseudo: int = 20,
+    seed: int = 0,
+    min_cells: int = 2,
+) -> pd.DataFrame:
+    """The contrast test on pseudo-perturbations made of control cells only.
+
+    Control cells carry no perturbation, so every test here is null. With control guides
+    (``guides`` given and at least two guides among the control cells), each control guide in
+    turn is a pseudo-perturbation against the remaining control cells — the split a real
+    perturbation has. Otherwise ``n_pseudo`` random pseudo-groups are drawn from the control
+    cells with the sizes of real perturbation groups (at most half of the controls), each
+    against the other control cells. The test is :func:`program_contrasts`, identical to the
+    real analysis.
+
+    Parameters
+    ----------
+    usage : DataFrame of shape (n_cells, n_programs)
+    groups, guides, batch : array-like of shape (n_cells,)
+    control_label : str
+    n_pseudo : int
+        Random pseudo-groups when control guides are not available.
+    seed : int
+
+    Returns
+    -------
+    DataFrame
+        :func:`program_contrasts` columns (``perturbation`` holds the pseudo-group's name) plus
+        ``null_split`` ("control guide" or "random"); q-values are BH over this table.
+    """
+    usage = _as_usage(usage)
+    g = _as_labels(groups, usage, "groups")
+    is_control = g == control_label
+    if is_control.sum() < 2 * min_cells:
+        raise ValueError(f"control_null needs at least {2 * min_cells} control cells; found {int(is_control.sum())}.")
+    control_usage = usage.loc[is_control]
+    control_batch = None if batch is None else _as_labels(batch, usage, "batch")[is_control]
+    guide_labels = None if guides is None else _as_labels(guides, usage, "guides")[is_control]
+    if guide_labels is not None and len(np.unique(guide_labels)) >= 2:
+        split = "control guide"
+        pseudo = [(f"null:{guide}", guide_labels == guide) for guide in sorted(np.unique(guide_labels))]
+    else:
+        split = "random"
+        rng = np.random.default_rng(seed)
+        sizes = pd.Series(g[~is_control]).value_counts().to_numpy()
+        if sizes.size == 0:
+            sizes = np.array([max(min_cells, len(control_usage) // 4)])
+        sizes = np.clip(sizes, min_cells, len(control_usage) // 2)
+        pseudo = []
+        for i in range(n_pseudo):
+            cells = rng.choice(len(control_usage), int(rng.choice(sizes)), replace=False)
+            mask = np.zeros(len(control_usage), dtype=bool)
+            mask[cells] = True
+            pseudo.append((f"null:{i + 1:02d}", mask))
+    tables = []
+    for name, mask in pseudo:
+        labels = np.where(mask, name, "control")
+        tables.append(program_contrasts(control_usage, labels, "control", batch=control_batch, min_cells=min_cells))
+    table = pd.concat(tables, ignore_index=True)
+    table["qvalue"] = benjamini_hochberg(table["pvalue"].to_numpy())
+    table["null_split"] = split
+    return table
+
+
+def calibration_summary(pvalues, fdr: float = 0.05) -> dict[str, Any]:
+    """How a set of null p-values behaves: inflation factor, null hits at ``fdr``, uniformity.
+
+    Returns
+    -------
+    dict
+        ``n_tests``; ``inflation`` λ = median(χ²₁ quantile of p) / 0.455 (1 when calibrated,
+        > 1 when the test is anti-conservative); ``n_null_hits`` (BH q < fdr);
+        ``share_below_0_05`` (0.05 when calibrated); ``ks_pvalue`` of a
+        Kolmogorov–Smirnov test of uniformity.
+    """
+    p = np.asarray(pvalues, dtype=float)
+    p = p[np.isfinite(p)]
+    if p.size == 0:
+        return {"n_tests": 0, "inflation": np.nan, "n_null_hits": 0, "share_below_0_05": np.nan, "ks_pvalue": np.nan}
+    chi2 = _sps.chi2.isf(np.clip(p, 1e-300, 1.0), df=1)
+    return {
+        "n_tests": int(p.size),
+        "inflation": float(np.median(chi2) / _sps.chi2.ppf(0.5, df=1)),
+        "n_null_hits": int((benjamini_hochberg(p) < fdr).sum()),
+        "share_below_0_05": float((p < 0.05).mean()),
+        "ks_pvalue": float(_sps.kstest(p, "uniform").pvalue),
+    }

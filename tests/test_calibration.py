@@ -1,0 +1,64 @@
+"""The built-in null: the contrast test on pseudo-perturbations made only of control cells."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from perturbnmf.stats import calibration_summary, control_null
+
+
+def null_screen(seed=0, n_control=1200, n_groups=15, group_size=80, n_programs=8, shifted_guide=None):
+    """Usage with no perturbation effect at all (skewed, zero-inflated like program usage)."""
+    rng = np.random.default_rng(seed)
+    n = n_control + n_groups * group_size
+    usage = rng.gamma(0.6, 1.0, (n, n_programs)) * (rng.random((n, n_programs)) < 0.7)
+    groups = np.array(["NT"] * n_control + [f"T{i:02d}" for i in range(n_groups) for _ in range(group_size)])
+    guides = np.where(groups == "NT", rng.choice(["NTg1", "NTg2", "NTg3", "NTg4"], n), groups + "g1")
+    if shifted_guide:
+        usage[guides == shifted_guide, 0] += 0.8  # a control guide that is not neutral
+    frame = pd.DataFrame(usage, columns=[f"P{i + 1:02d}" for i in range(n_programs)])
+    return frame, groups, guides
+
+
+def test_random_pseudo_groups_give_calibrated_p_values():
+    usage, groups, _ = null_screen()
+    null = control_null(usage, groups, "NT", n_pseudo=40, seed=1)
+    assert set(null["null_split"]) == {"random"} and null["perturbation"].nunique() == 40
+    summary = calibration_summary(null["pvalue"], fdr=0.05)
+    assert summary["n_tests"] == 40 * 8
+    assert 0.75 < summary["inflation"] < 1.33
+    assert summary["ks_pvalue"] > 0.001
+    assert summary["n_null_hits"] == 0
+
+
+def test_control_guides_become_the_pseudo_groups():
+    usage, groups, guides = null_screen()
+    null = control_null(usage, groups, "NT", guides=guides)
+    assert set(null["null_split"]) == {"control guide"}
+    assert sorted(null["perturbation"].unique()) == ["null:NTg1", "null:NTg2", "null:NTg3", "null:NTg4"]
+    sizes = null.groupby("perturbation")["n_cells"].first()
+    assert sizes["null:NTg1"] == int(((groups == "NT") & (guides == "NTg1")).sum())
+    # each guide is tested against the other control cells
+    assert (null["n_cells"] + null["n_control"] == int((groups == "NT").sum())).all()
+
+
+def test_a_non_neutral_control_guide_shows_up_in_the_null():
+    usage, groups, guides = null_screen(shifted_guide="NTg2")
+    null = control_null(usage, groups, "NT", guides=guides)
+    hits = null[null["qvalue"] < 0.05]
+    assert ("null:NTg2", "P01") in set(zip(hits["perturbation"], hits["program"]))
+
+
+def test_calibration_summary_detects_inflation():
+    rng = np.random.default_rng(3)
+    uniform = calibration_summary(rng.random(5000))
+    assert uniform["inflation"] == pytest.approx(1.0, abs=0.08)
+    assert uniform["share_below_0_05"] == pytest.approx(0.05, abs=0.01)
+    inflated = calibration_summary(rng.random(5000) ** 2)
+    assert inflated["inflation"] > 1.5 and inflated["ks_pvalue"] < 1e-6
+
+
+def test_too_few_control_cells_is_refused():
+    usage, groups, _ = null_screen(n_control=3)
+    with pytest.raises(ValueError, match="control cells"):
+        control_null(usage, groups, "NT")
