@@ -62,3 +62,49 @@ def test_too_few_control_cells_is_refused():
     usage, groups, _ = null_screen(n_control=3)
     with pytest.raises(ValueError, match="control cells"):
         control_null(usage, groups, "NT")
+
+
+def confounded_screen(seed=0):
+    """Batch 2 raises program P01; the perturbation's cells sit mostly in batch 2, the controls in batch 1."""
+    rng = np.random.default_rng(seed)
+    n_c, n_g = 600, 300
+    groups = np.array(["NT"] * n_c + ["KO"] * n_g)
+    batch = np.r_[np.where(rng.random(n_c) < 0.8, "b1", "b2"), np.where(rng.random(n_g) < 0.8, "b2", "b1")]
+    usage = rng.gamma(2.0, 1.0, (n_c + n_g, 3))
+    usage[batch == "b2", 0] += 1.0  # a batch effect, no perturbation effect
+    return pd.DataFrame(usage, columns=["P01", "P02", "P03"]), groups, batch
+
+
+def test_batch_confounding_fools_welch_but_not_the_batch_aware_test():
+    from perturbnmf.stats import program_contrasts
+
+    usage, groups, batch = confounded_screen()
+    welch = program_contrasts(usage, groups, "NT", batch=batch).set_index("program")
+    aware = program_contrasts(usage, groups, "NT", batch=batch, method="ols_batch").set_index("program")
+    assert welch.loc["P01", "qvalue"] < 1e-4  # a false hit when batch is ignored
+    assert aware.loc["P01", "pvalue"] > 0.01  # none when it is modelled
+    assert abs(aware.loc["P01", "effect"]) < 0.2
+
+
+def test_batch_aware_test_matches_statsmodels_hc3():
+    import statsmodels.formula.api as smf
+
+    from perturbnmf.stats import program_contrasts
+
+    usage, groups, batch = confounded_screen(seed=1)
+    usage.loc[groups == "KO", "P02"] += 0.7  # a real effect
+    aware = program_contrasts(usage, groups, "NT", batch=batch, method="ols_batch").set_index("program")
+    frame = usage.assign(perturbed=(groups == "KO").astype(float), batch=batch)
+    for program in ["P01", "P02"]:
+        fit = smf.ols(f"{program} ~ perturbed + C(batch)", data=frame).fit(cov_type="HC3")
+        assert aware.loc[program, "effect"] == pytest.approx(fit.params["perturbed"], rel=1e-8)
+        assert aware.loc[program, "statistic"] == pytest.approx(fit.tvalues["perturbed"], rel=1e-6)
+    assert aware.loc["P02", "qvalue"] < 1e-3
+
+
+def test_batch_aware_test_needs_batch():
+    from perturbnmf.stats import program_contrasts
+
+    usage, groups, _ = confounded_screen()
+    with pytest.raises(ValueError, match="needs the batch"):
+        program_contrasts(usage, groups, "NT", method="ols_batch")

@@ -310,12 +310,45 @@ def _welch(a: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return t, p
 
 
+def _ols_batch_test(Y_g, Y_c, batch_g, batch_c):
+    """Perturbation coefficient of ``usage ~ perturbed + C(batch)`` with HC3 standard errors.
+
+    Fitted on the group's and the control cells, for all programs at once. HC3
+    (MacKinnon & White 1985) keeps the test valid when the variance differs between
+    perturbed and control cells, as Welch's does. Batch levels without both kinds of cell
+    carry no contrast and are absorbed by their own dummy.
+
+    Returns
+    -------
+    beta, t, p : ndarrays of shape (n_programs,)
+        Batch-adjusted difference of means, its t statistic and two-sided p-value
+        (t distribution, residual degrees of freedom).
+    """
+    Y = np.vstack([Y_g, Y_c])
+    indicator = np.r_[np.ones(len(Y_g)), np.zeros(len(Y_c))]
+    batch_codes, _ = pd.factorize(np.r_[batch_g, batch_c])
+    dummies = np.eye(batch_codes.max() + 1)[batch_codes][:, 1:]
+    D = np.column_stack([np.ones(len(Y)), indicator, dummies])
+    pinv = np.linalg.pinv(D)
+    rank = np.linalg.matrix_rank(D)
+    leverage = np.einsum("ij,ji->i", D, pinv)
+    coef = pinv @ Y
+    residual = Y - D @ coef
+    weights = (pinv[1] / np.clip(1.0 - leverage, 1e-12, None)) ** 2
+    se = np.sqrt(weights @ residual**2)
+    df = max(len(Y) - rank, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(se > 0, coef[1] / se, np.nan)
+    return coef[1], t, 2.0 * _sps.t.sf(np.abs(t), df)
+
+
 def program_contrasts(
     usage: pd.DataFrame,
     groups,
     control_label: str,
     batch=None,
     min_cells: int = 2,
+    method: str = "welch",
 ) -> pd.DataFrame:
     """Every perturbation against the control cells, per program (Welch t-test).
 
@@ -343,6 +376,12 @@ def program_contrasts(
         Groups with fewer cells are skipped (listed in
         ``result.attrs["skipped_groups"]``).  Must be >= 2 (a variance needs two
         cells); the control group must also reach it.
+    method : {"welch", "ols_batch"}, default "welch"
+        ``"welch"``: Welch t-test of perturbed vs control cells. ``"ols_batch"``
+        (needs ``batch``): the perturbation coefficient of ``usage ~ perturbed +
+        C(batch)`` with HC3 standard errors, so a perturbation whose cells sit in
+        another batch than the controls is not credited with the batch's shift;
+        ``effect`` and ``statistic`` are then the batch-adjusted difference and its t.
 
     Returns
     -------
@@ -374,6 +413,10 @@ def program_contrasts(
     """
     if isinstance(min_cells, bool) or not isinstance(min_cells, (int, np.integer)) or min_cells < 2:
         raise ValueError(f"min_cells must be an integer >= 2 (Welch's test needs a variance), got {min_cells!r}")
+    if method not in ("welch", "ols_batch"):
+        raise ValueError(f"method must be 'welch' or 'ols_batch', got {method!r}")
+    if method == "ols_batch" and batch is None:
+        raise ValueError("method='ols_batch' needs the batch labels (parameter batch / batch_key)")
     usage = _as_usage(usage)
     g = _as_labels(groups, usage, "groups")
     b = None if batch is None else _as_labels(batch, usage, "batch")
@@ -427,7 +470,12 @@ def program_contrasts(
         pooled_sd = np.sqrt(((n_g - 1) * var_g + (n_ctrl - 1) * var_c) / (n_g + n_ctrl - 2))
         with np.errstate(divide="ignore", invalid="ignore"):
             effect_std = np.where(pooled_sd > 0, effect / pooled_sd, np.nan)
-        t, p = _welch(Yg, Yc)
+        if method == "ols_batch":
+            effect, t, p = _ols_batch_test(Yg, Yc, b[codes == i], b[ctrl_rows])
+            with np.errstate(divide="ignore", invalid="ignore"):
+                effect_std = np.where(pooled_sd > 0, effect / pooled_sd, np.nan)
+        else:
+            t, p = _welch(Yg, Yc)
         block = {
             "program": programs,
             "perturbation": np.full(n_prog, levels[i], dtype=object),
@@ -462,6 +510,7 @@ def program_contrasts(
     res.attrs["control_label"] = control_label
     res.attrs["min_cells"] = int(min_cells)
     res.attrs["batch_adjusted"] = b is not None
+    res.attrs["method"] = method
     return res
 
 
@@ -487,6 +536,7 @@ def control_null(
     n_pseudo: int = 20,
     seed: int = 0,
     min_cells: int = 2,
+    method: str = "welch",
 ) -> pd.DataFrame:
     """The contrast test on pseudo-perturbations made of control cells only.
 
@@ -506,6 +556,8 @@ def control_null(
     n_pseudo : int
         Random pseudo-groups when control guides are not available.
     seed : int
+    method : str
+        The test, as in :func:`program_contrasts`.
 
     Returns
     -------
@@ -540,7 +592,8 @@ def control_null(
     tables = []
     for name, mask in pseudo:
         labels = np.where(mask, name, "control")
-        tables.append(program_contrasts(control_usage, labels, "control", batch=control_batch, min_cells=min_cells))
+        tables.append(program_contrasts(control_usage, labels, "control", batch=control_batch, min_cells=min_cells,
+                                        method=method))
     table = pd.concat(tables, ignore_index=True)
     table["qvalue"] = benjamini_hochberg(table["pvalue"].to_numpy())
     table["null_split"] = split
