@@ -34,7 +34,7 @@ import scipy.sparse as sp
 from sklearn.cluster import KMeans
 from sklearn.metrics import silhouette_score
 
-from ._seminmf import SemiNMF, _nnls_rows_cd, _safe_X_Ht, _squared_norm
+from ._seminmf import SemiNMF, _nnls_rows_cd, _objective, _safe_X_Ht, _squared_norm
 
 __all__ = ["ConsensusSweep", "consensus_sweep", "holdout_error", "refit_usage", "relative_error", "suggest_k"]
 
@@ -105,8 +105,7 @@ def relative_error(X, W, H) -> float:
     norm_sq = _squared_norm(X)
     if norm_sq == 0:
         return float("nan")
-    residual_sq = norm_sq - 2.0 * float(np.sum(W * _safe_X_Ht(X, H))) + float(np.sum((W.T @ W) * (H @ H.T)))
-    return float(np.sqrt(max(residual_sq, 0.0) / norm_sq))
+    return float(np.sqrt(2.0 * _objective(X, W, H, norm_X_sq=norm_sq) / norm_sq))
 
 
 def holdout_error(X_holdout, H, gene_halves) -> float:
@@ -128,8 +127,7 @@ def holdout_error(X_holdout, H, gene_halves) -> float:
         W = refit_usage(X_holdout[:, fit_genes], H[:, fit_genes])
         X_test, H_test = X_holdout[:, test_genes], H[:, test_genes]
         block_norm = _squared_norm(X_test)
-        residual_sq += max(block_norm - 2.0 * float(np.sum(W * _safe_X_Ht(X_test, H_test)))
-                           + float(np.sum((W.T @ W) * (H_test @ H_test.T))), 0.0)
+        residual_sq += 2.0 * _objective(X_test, W, H_test, norm_X_sq=block_norm)
         norm_sq += block_norm
     return float(np.sqrt(residual_sq / norm_sq)) if norm_sq > 0 else float("nan")
 

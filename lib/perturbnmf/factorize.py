@@ -15,8 +15,6 @@ scaled to unit L2 norm and W absorbs the scale; programs are then ordered by tot
 
 from __future__ import annotations
 
-from typing import Any
-
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -24,7 +22,7 @@ import scipy.sparse as sp
 
 from .consensus import ConsensusSweep, consensus_sweep, refit_usage, relative_error
 
-__all__ = ["factorize", "program_names", "usage", "loadings", "normalize_factors", "summary"]
+__all__ = ["factorize", "program_names", "usage", "loadings", "normalize_factors"]
 
 
 def program_names(k: int) -> list[str]:
@@ -153,10 +151,3 @@ def loadings(adata: ad.AnnData) -> pd.DataFrame:
     return pd.DataFrame(
         adata.varm["snmf_loadings"][used], index=adata.var_names[used], columns=adata.uns["snmf"]["program_names"]
     )
-
-
-def summary(adata: ad.AnnData) -> dict[str, Any]:
-    """The chosen model's headline numbers."""
-    info = adata.uns["snmf"]
-    return {key: info[key] for key in ("k", "suggested_k", "solver", "seed", "n_restarts", "relative_error",
-                                       "holdout_relative_error", "stability")}
