@@ -108,3 +108,32 @@ def test_batch_aware_test_needs_batch():
     usage, groups, _ = confounded_screen()
     with pytest.raises(ValueError, match="needs the batch"):
         program_contrasts(usage, groups, "NT", method="ols_batch")
+
+
+def test_batch_confounding_fools_mann_whitney_but_not_van_elteren():
+    from perturbnmf.stats import program_contrasts
+
+    usage, groups, batch = confounded_screen()
+    plain = program_contrasts(usage, groups, "NT", method="mannwhitney").set_index("program")
+    stratified = program_contrasts(usage, groups, "NT", batch=batch, method="mannwhitney").set_index("program")
+    assert plain.loc["P01", "qvalue"] < 1e-4  # batch B's shift, credited to the perturbation
+    assert stratified.loc["P01", "pvalue"] > 0.01  # ranks within batch: no hit
+    assert abs(stratified.loc["P01", "effect"]) < 0.2  # the batch-adjusted difference of means
+    assert plain.loc["P01", "effect"] > 0.4  # the raw difference carries the batch shift
+    # a real effect is still found by the stratified test
+    usage.loc[groups == "KO", "P02"] += 0.7
+    stratified = program_contrasts(usage, groups, "NT", batch=batch, method="mannwhitney").set_index("program")
+    assert stratified.loc["P02", "qvalue"] < 1e-4
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_control_null_with_the_rank_test_is_calibrated(batched):
+    usage, groups, _ = null_screen(seed=2)
+    batch = np.random.default_rng(5).choice(["b1", "b2", "b3"], len(groups)) if batched else None
+    null = control_null(usage, groups, "NT", batch=batch, n_pseudo=40, seed=1, method="mannwhitney")
+    assert null.attrs["method"] == "mannwhitney"
+    summary = calibration_summary(null["pvalue"], fdr=0.05)
+    assert summary["n_tests"] == 40 * 8
+    assert 0.75 < summary["inflation"] < 1.33
+    assert summary["ks_pvalue"] > 0.001
+    assert summary["n_null_hits"] == 0
