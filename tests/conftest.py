@@ -2,6 +2,7 @@
 except under CI (PERTURBNMF_REQUIRE_SHARED=1, set by .ci/run), where the absence is a failure."""
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -19,3 +20,14 @@ def shared_data() -> Path:
             pytest.fail(f"{reason}; CI requires it (PERTURBNMF_REQUIRE_SHARED=1)")
         pytest.skip(reason)
     return SHARED_DATA
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection or resolve a name fails: the code under test must work offline."""
+    def refuse(*args, **kwargs):
+        raise RuntimeError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
