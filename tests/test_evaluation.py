@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from perturbnmf.evaluation import effect_recovery, match_programs, program_similarity
+from perturbnmf.evaluation import effect_recovery, implied_effects, match_programs, program_similarity
 
 TRUE_NAMES = ["IFN", "S_PHASE", "G2M", "HYPOXIA", "MHC"]
 
@@ -195,3 +195,45 @@ def test_effect_recovery_bad_inputs(recovery_inputs):
         effect_recovery(contrasts, truth, match, fdr=0)
     with pytest.raises(ValueError, match="direction"):
         effect_recovery(contrasts, truth.assign(direction="sideways"), match)
+
+
+def _blended_screen(seed=0, n_per_group=300):
+    """Planted usage U with one real effect; recovered usage is a known blend W = 0.5 + U M."""
+    rng = np.random.default_rng(seed)
+    groups = np.repeat(["ctrl", "A", "B"], n_per_group)
+    U = rng.gamma(3.0, 0.5, size=(groups.size, 3))
+    U[groups == "A", 0] *= 2.0  # A doubles planted program 0; B does nothing
+    M = np.array([[1.0, 0.3, 0.0],   # recovered P1 is mostly planted 0, P2 takes 30 % of it
+                  [0.0, 1.0, 0.0],
+                  [0.0, 0.0, 1.0]])
+    W = 0.5 + U @ M
+    return U, pd.DataFrame(W, columns=["P1", "P2", "P3"]), groups, M
+
+
+def test_implied_effects_follow_the_blend_of_planted_programs():
+    U, W, groups, M = _blended_screen()
+    implied = implied_effects(U, W, groups, "ctrl").set_index(["perturbation", "program"])
+    shift_A = U[groups == "A"].mean(0) - U[groups == "ctrl"].mean(0)
+    for j, program in enumerate(W.columns):
+        np.testing.assert_allclose(implied.loc[("A", program), "implied_effect"], shift_A @ M[:, j], rtol=1e-8)
+    # the blend carries A's effect onto P2 but not P3
+    assert implied.loc[("A", "P2"), "implied_effect_std"] > 0.2
+    assert abs(implied.loc[("A", "P3"), "implied_effect_std"]) < 0.1
+    np.testing.assert_allclose(implied["r_squared"], 1.0)
+
+
+def test_discoveries_are_judged_against_implied_shifts():
+    U, W, groups, _ = _blended_screen()
+    implied = implied_effects(U, W, groups, "ctrl")
+    truth = pd.DataFrame({"perturbation": ["A"], "program": ["T0"], "direction": ["up"]})
+    match = pd.DataFrame({"planted_program": ["T0"], "program": ["P1"]})
+    contrasts = pd.DataFrame({
+        "perturbation": ["A", "A", "A", "B", "B", "B"], "program": ["P1", "P2", "P3"] * 2,
+        "effect": [1.0, 0.3, 0.2, -0.1, 0.0, 0.0], "qvalue": [1e-9, 1e-3, 0.01, 0.02, 0.9, 0.9],
+    })
+    result = effect_recovery(contrasts, truth, match, fdr=0.05, implied=implied)
+    assert result["n_discoveries"] == 4
+    assert result["false_discovery_proportion"] == pytest.approx(3 / 4)  # strict: only A→P1 was planted
+    # A→P2 is a real (blended) shift; A→P3 and B→P1 have negligible implied shifts
+    assert result["n_negligible"] + result["n_sign_errors"] == 2
+    assert result["implied_false_discovery_proportion"] == pytest.approx(2 / 4)

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 STEMS = ["01_preprocess", "02_factorize", "03_stats", "04_enrichment"]
 DATA_FILES = ["preprocessed.h5ad", "factorized.h5ad", "program_anova.csv", "program_contrasts.csv",
               "enrichment.csv", "top_genes.csv", "summary.xlsx", "run.json", "k_sweep.csv", "k_selection.json",
-              "calibration_null.csv"]
+              "calibration_null.csv", "calibration.json", "guide_effects.csv", "split_half.csv",
+              "program_labels.csv", "perturbation_hits.csv", "prerank.csv"]
 
 
 def run_pipeline(tmp_path, **params):
@@ -36,7 +37,7 @@ def tiny_params(tmp_path, **overrides):
         "simulate_n_cells": 900, "simulate_n_genes": 400,
         "input": str(inputs / "screen.h5ad"), "gene_sets": [str(inputs / "sets.gmt")],
         "cell_cycle_genes": str(inputs / "cell_cycle.tsv"), "hvg_n_top_genes": 150,
-        "k_values": [3, 6, 9], "k": 9, "max_iter": 200, "n_top_genes": 20,
+        "k_values": [3, 6, 9], "k": 9, "max_iter": 200, "n_top_genes": 20, "prerank": True,
     }
     params.update(overrides)
     return params
@@ -125,6 +126,28 @@ def test_calibration_null_uses_the_control_guides(tiny_run):
     assert "Calibration: the same test on control cells only" in (tiny_run[0] / "03_stats.html").read_text()
 
 
+def test_effects_carry_consistency_split_half_and_labels(tiny_run):
+    data = tiny_run[0] / "data"
+    contrasts = pd.read_csv(data / "program_contrasts.csv")
+    assert {"n_guides", "n_guides_same_sign", "guide_heterogeneity_pvalue", "n_batches", "consistency",
+            "effect_split", "qvalue_split", "split_program_cosine"} <= set(contrasts.columns)
+    assert (contrasts["n_guides_same_sign"] <= contrasts["n_guides"]).all()
+    fac = ad.read_h5ad(data / "factorized.h5ad")
+    test = (fac.obs["snmf_half"] == "test").to_numpy()
+    assert pd.isna(fac.obsm["X_snmf_split"][~test]).all() and not pd.isna(fac.obsm["X_snmf_split"][test]).any()
+    labels = pd.read_csv(data / "program_labels.csv")
+    assert labels["program"].tolist() == list(fac.uns["snmf"]["program_names"]) and labels["label"].is_unique
+    hits = pd.read_csv(data / "perturbation_hits.csv")
+    assert (hits["qvalue"] < 0.05).all() and len(hits) == (contrasts["qvalue"] < 0.05).sum()
+    assert hits["label"].tolist() == hits["program"].map(dict(zip(labels["program"], labels["label"]))).tolist()
+    index = (tiny_run[0] / "index.html").read_text()
+    assert index.index("Top perturbation → program effects") < index.index("Key results")
+    if len(hits):
+        assert hits["label"].iloc[0] in index
+    guides = pd.read_csv(data / "guide_effects.csv")
+    assert not guides["guide"].str.startswith("NT").any()
+
+
 def test_demo_truth_is_checked_in_the_report(tiny_run):
     recovery = json.loads((tiny_run[0] / "data" / "demo_recovery.json").read_text())
     assert 0 <= recovery["sensitivity"] <= 1 and recovery["n_planted"] > 0
@@ -145,13 +168,17 @@ def test_missing_input_fails_before_running(tmp_path):
 
 
 def test_failed_notebook_is_named_and_still_rendered(tmp_path):
-    # 400 programs cannot be fitted on 150 genes: step 2 must fail with a clear message.
+    # 400 programs cannot be fitted on 150 genes: step 2 must refuse with a clear message (exit 2, bad input).
     result = run_pipeline(tmp_path, **tiny_params(tmp_path, k_values=[3, 400], k=3))
-    assert result.returncode == 1
-    assert "02_factorize.ipynb failed" in result.stderr
+    assert result.returncode == 2
+    assert "step factorize (02_factorize.ipynb) refused the input" in result.stderr
+    assert "Traceback" not in result.stderr
     assert "k_values [400] are impossible" in result.stderr
-    assert (tmp_path / "run" / "02_factorize.html").is_file()
-    run = json.loads((tmp_path / "run" / "data" / "run.json").read_text())
+    assert not (tmp_path / "run").exists(), "a failed run never becomes the report"
+    [failed] = tmp_path.glob("run.failed-*")
+    assert str(failed) in result.stderr
+    assert (failed / "02_factorize.html").is_file() and (failed / "ERROR.txt").is_file()
+    run = json.loads((failed / "data" / "run.json").read_text())
     assert run["steps"]["factorize"]["status"] == "failed"
 
 
@@ -170,7 +197,12 @@ def test_papalexi_screen_runs_end_to_end(shared_data, tmp_path):
     fac = ad.read_h5ad(data / "factorized.h5ad")
     assert fac.n_obs == 16783  # cells with a single guide
     enrichment = pd.read_csv(data / "enrichment.csv")
-    assert set(enrichment["library"]) <= {"GO_Biological_Process_2021"}
+    assert set(enrichment["library"]) <= {"GO_Biological_Process_2021", "h.all.v7.0.symbols"}
+    # the IFN-gamma pathway knockouts are the screen's known strongest hits (Papalexi et al. 2021)
+    hits = pd.read_csv(data / "perturbation_hits.csv")
+    assert {"JAK2", "IFNGR1", "IFNGR2", "STAT1"} <= set(hits["perturbation"])
+    assert hits["label"].notna().all() and (hits["consistency"].str.len() > 0).all()
+    assert json.loads((data / "calibration.json").read_text())["n_null_hits"] == 0
     pre = ad.read_h5ad(data / "preprocessed.h5ad")
     missing = pre.uns["perturbnmf"]["preprocess"]["cell_cycle"]
     assert len(missing["s_markers_used"]) + len(missing["s_markers_missing"]) == 43

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["program_similarity", "match_programs", "effect_recovery"]
+__all__ = ["program_similarity", "match_programs", "implied_effects", "effect_recovery"]
 
 
 def _as_matrix(name: str, value) -> tuple[np.ndarray, pd.Index | None, pd.Index | None]:
@@ -171,8 +171,68 @@ def _require_columns(name: str, df, columns: Sequence[str]) -> pd.DataFrame:
     return df
 
 
+def implied_effects(true_usage, usage: pd.DataFrame, groups, control_label: str) -> pd.DataFrame:
+    """The shift of every recovered program that the planted usage changes imply.
+
+    A planted effect changes more than its matched program: recovered programs are blends of
+    planted ones, and a program whose genes rise takes a larger share of every cell's counts,
+    so after ``normalize_total`` all other genes fall a little (composition). Both are real
+    shifts of recovered usage, not errors of the test. This function computes them from the
+    truth alone: recovered usage is regressed on planted usage over all cells (no group
+    labels), ``W ≈ a + U M``, and the shift implied for perturbation ``t`` on program ``p``
+    is ``(mean U[t] − mean U[control]) · M[:, p]``.
+
+    Parameters
+    ----------
+    true_usage : ndarray of shape (n_cells, n_true)
+        Planted usage after the effects (``obsm["simulation_usage"]``), rows matching ``usage``.
+    usage : DataFrame of shape (n_cells, k)
+        Recovered usage.
+    groups : array-like of shape (n_cells,)
+        Perturbation label per cell.
+    control_label : str
+
+    Returns
+    -------
+    DataFrame
+        One row per perturbation × program: ``perturbation``, ``program``, ``implied_effect``
+        and ``implied_effect_std`` (divided by the pooled SD of recovered usage of the
+        perturbed and control cells, as Cohen's d in the contrasts), plus ``r_squared`` of the
+        program's regression on planted usage.
+    """
+    U = np.asarray(true_usage, dtype=float)
+    W = usage.to_numpy(dtype=float)
+    labels = np.asarray(groups).astype(str)
+    if U.shape[0] != W.shape[0] or labels.shape[0] != W.shape[0]:
+        raise ValueError(f"true_usage ({U.shape[0]}), usage ({W.shape[0]}) and groups ({labels.shape[0]}) "
+                         "must have one row per cell")
+    control = labels == control_label
+    if control.sum() < 2:
+        raise ValueError(f"control_label {control_label!r} has fewer than 2 cells")
+    design = np.column_stack([np.ones(len(U)), U])
+    coef, *_ = np.linalg.lstsq(design, W, rcond=None)
+    residual = W - design @ coef
+    total = ((W - W.mean(axis=0)) ** 2).sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r_squared = np.where(total > 0, 1.0 - (residual**2).sum(axis=0) / total, np.nan)
+    n_c = int(control.sum())
+    rows = []
+    for target in sorted(set(labels) - {control_label}):
+        cells = labels == target
+        n_t = int(cells.sum())
+        shift = (U[cells].mean(axis=0) - U[control].mean(axis=0)) @ coef[1:]
+        pooled_sd = np.sqrt(((n_t - 1) * W[cells].var(axis=0, ddof=1) + (n_c - 1) * W[control].var(axis=0, ddof=1))
+                            / max(n_t + n_c - 2, 1)) if n_t > 1 else np.full(W.shape[1], np.nan)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            standardized = np.where(pooled_sd > 0, shift / pooled_sd, np.nan)
+        rows.append(pd.DataFrame({"perturbation": target, "program": list(usage.columns), "implied_effect": shift,
+                                  "implied_effect_std": standardized, "r_squared": r_squared}))
+    return pd.concat(rows, ignore_index=True)
+
+
 def effect_recovery(contrasts: pd.DataFrame, truth_effects: pd.DataFrame,
-                    program_match: pd.DataFrame, fdr: float = 0.05) -> dict:
+                    program_match: pd.DataFrame, fdr: float = 0.05, implied: pd.DataFrame | None = None,
+                    min_implied_effect: float = 0.1) -> dict:
     """Sensitivity and false discoveries of the perturbation x program tests.
 
     A planted effect (perturbation, planted program) is *recovered* when the contrast of that
@@ -210,6 +270,12 @@ def effect_recovery(contrasts: pd.DataFrame, truth_effects: pd.DataFrame,
         ``fdr`` and ``table``: a DataFrame with one row per planted effect and columns
         ``perturbation``, ``planted_program``, ``program``, ``direction``, ``fold_change``,
         ``effect``, ``qvalue``, ``recovered`` (bool).
+
+        With ``implied`` (output of :func:`implied_effects`) a discovery is also judged against
+        the shift the truth implies for that very program: ``n_sign_errors`` (implied shift of
+        the other sign), ``n_negligible`` (|implied_effect_std| < ``min_implied_effect``, the
+        same sign) and ``implied_false_discovery_proportion`` = (sign errors + negligible) /
+        discoveries; ``directional_false_discovery_proportion`` = sign errors / discoveries.
     """
     if isinstance(fdr, bool) or not isinstance(fdr, (int, float, np.floating, np.integer)):
         raise ValueError(f"fdr must be a number in (0, 1], got {fdr!r}")
@@ -297,7 +363,22 @@ def effect_recovery(contrasts: pd.DataFrame, truth_effects: pd.DataFrame,
     n_null = int(on_null_target.sum())
     n_planted = int(len(table))
     n_recovered = int(table["recovered"].sum())
-    return {
+    judged = {}
+    if implied is not None:
+        _require_columns("implied", implied, ["perturbation", "program", "implied_effect_std"])
+        merged = discoveries.merge(implied.astype({"perturbation": str, "program": str}),
+                                   on=["perturbation", "program"], how="left")
+        implied_d = merged["implied_effect_std"].to_numpy(dtype=float)
+        sign_error = np.sign(implied_d) != np.sign(merged["effect"].to_numpy(dtype=float))
+        negligible = ~sign_error & ~(np.abs(implied_d) >= min_implied_effect)
+        judged = {
+            "n_sign_errors": int(sign_error.sum()),
+            "n_negligible": int(negligible.sum()),
+            "min_implied_effect": float(min_implied_effect),
+            "implied_false_discovery_proportion": float((sign_error | negligible).sum() / n_disc) if n_disc else 0.0,
+            "directional_false_discovery_proportion": float(sign_error.sum() / n_disc) if n_disc else 0.0,
+        }
+    return judged | {
         "n_planted": n_planted,
         "n_recovered": n_recovered,
         "sensitivity": (n_recovered / n_planted) if n_planted else float("nan"),

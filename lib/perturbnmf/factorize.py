@@ -20,9 +20,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .consensus import ConsensusSweep, consensus_sweep, refit_usage, relative_error
+import warnings
 
-__all__ = ["factorize", "program_names", "usage", "loadings", "normalize_factors"]
+from scipy.optimize import linear_sum_assignment
+
+from .consensus import ConsensusSweep, consensus_sweep, refit_usage, relative_error
+from .preprocess import InputError
+
+__all__ = ["factorize", "split_half", "program_names", "usage", "split_usage", "loadings", "normalize_factors"]
 
 
 def program_names(k: int) -> list[str]:
@@ -58,7 +63,7 @@ def _check_k_values(k_values: list[int], n_cells: int, n_genes: int) -> None:
     limit = min(n_cells, n_genes)
     impossible = [k for k in k_values if k >= limit]
     if impossible:
-        raise ValueError(
+        raise InputError(
             f"k_values {impossible} are impossible: k must be smaller than min(cells, genes) = "
             f"min({n_cells}, {n_genes}) = {limit}. Remove them from 'k_values', or select more genes "
             "(lower 'hvg_min_disp', set 'hvg_n_top_genes', or 'hvg_use_all_genes: true')."
@@ -94,8 +99,7 @@ def factorize(
     if mask_var not in adata.var:
         raise ValueError(f"var[{mask_var!r}] is missing; run the preprocess step first (it selects the genes).")
     used = adata.var[mask_var].to_numpy(dtype=bool)
-    X = adata.layers[layer][:, used]
-    X = sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X)
+    X = _used_matrix(adata, layer, mask_var)
     _check_k_values(k_values, *X.shape)
     result = consensus_sweep(X, k_values, n_restarts=n_restarts, solver=solver, max_iter=max_iter, tol=tol,
                              holdout_fraction=holdout_fraction, random_state=seed, n_jobs=n_jobs)
@@ -138,6 +142,69 @@ def factorize(
                    "sweep_seconds": float(table.attrs.get("wall_seconds", np.nan))},
     }
     return result
+
+
+def _used_matrix(adata: ad.AnnData, layer: str, mask_var: str):
+    used = adata.var[mask_var].to_numpy(dtype=bool)
+    X = adata.layers[layer][:, used]
+    return sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X)
+
+
+def split_half(adata: ad.AnnData, groups_key: str, n_restarts: int = 5, solver: str = "hals", max_iter: int = 500,
+               tol: float = 1e-4, seed: int = 0, n_jobs: int | None = None) -> pd.DataFrame:
+    """Programs learned on one half of the cells, usage of the other half refitted to them.
+
+    Testing perturbations on the cells that also shaped the programs uses the data twice
+    ("double dipping"): a program can bend towards a group's idiosyncrasies. Here the cells of
+    every perturbation group are split at random into a *learn* and a *test* half; consensus
+    semi-NMF with the kept k (``n_restarts`` restarts, as in :func:`factorize`) is fitted on
+    the learn half alone, its programs are matched one-to-one to
+    the kept programs (Hungarian matching on the cosine of loadings) and named after them, and
+    the test cells' usage is refitted to them by non-negative least squares. Step 3 repeats
+    the perturbation tests on the test cells only.
+
+    Writes ``obs['snmf_half']`` ("learn"/"test"), ``obsm['X_snmf_split']`` (cells × k; NaN on
+    learn cells) and ``uns['snmf']['split_half']`` (match cosines, cell counts, seed). Needs
+    :func:`factorize` first.
+
+    Returns
+    -------
+    DataFrame
+        One row per kept program: ``program`` and ``cosine`` with its split-half twin.
+    """
+    info = adata.uns["snmf"]
+    layer, mask_var = info["params"]["layer"], info["params"]["mask_var"]
+    X = _used_matrix(adata, layer, mask_var)
+    rng = np.random.default_rng(seed)
+    labels = adata.obs[groups_key].astype(str).to_numpy()
+    learn = np.zeros(adata.n_obs, dtype=bool)
+    for label in np.unique(labels):
+        cells = rng.permutation(np.flatnonzero(labels == label))
+        learn[cells[: (len(cells) + 1) // 2]] = True
+    # the same consensus procedure as the kept model, on the learn half alone
+    learned = consensus_sweep(X[learn], [info["k"]], n_restarts=n_restarts, solver=solver, max_iter=max_iter,
+                              tol=tol, holdout_fraction=0.0, random_state=seed, n_jobs=n_jobs, progress=False)
+    H_learn = learned.components[info["k"]]
+    H_kept = adata.varm["snmf_loadings"][adata.var[mask_var].to_numpy(dtype=bool)].T
+    cosine = H_kept @ H_learn.T  # kept rows are unit norm
+    kept, twin = linear_sum_assignment(cosine, maximize=True)
+    H_matched = H_learn[twin[np.argsort(kept)]]
+    W_split = np.full((adata.n_obs, info["k"]), np.nan, dtype=np.float32)
+    W_split[~learn] = refit_usage(X[~learn], H_matched)
+    adata.obs["snmf_half"] = pd.Categorical(np.where(learn, "learn", "test"), categories=["learn", "test"])
+    adata.obsm["X_snmf_split"] = W_split
+    match = pd.DataFrame({"program": info["program_names"],
+                          "cosine": cosine[np.sort(kept), twin[np.argsort(kept)]]})
+    info["split_half"] = {"seed": int(seed), "n_learn": int(learn.sum()), "n_test": int((~learn).sum()),
+                          "cosine": match["cosine"].to_numpy(dtype=float)}
+    return match
+
+
+def split_usage(adata: ad.AnnData) -> pd.DataFrame:
+    """Usage of the test-half cells refitted to the programs learned on the other half (see :func:`split_half`)."""
+    test = (adata.obs["snmf_half"] == "test").to_numpy()
+    return pd.DataFrame(adata.obsm["X_snmf_split"][test], index=adata.obs_names[test],
+                        columns=adata.uns["snmf"]["program_names"])
 
 
 def usage(adata: ad.AnnData) -> pd.DataFrame:

@@ -158,6 +158,34 @@ def _run_name(v):
     return None
 
 
+#: The repository (outputs inside it belong under reports/).
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _finite(v):
+    return None if math.isfinite(v) else "must be a finite number"
+
+
+def _output_dir(v):
+    """An output folder may not climb ('..'), and inside the repository it must lie under reports/."""
+    if not v.strip():
+        return "must not be empty"
+    if v.startswith("~"):
+        return "must be a full path ('~' is not expanded); or leave it out to write into reports/<run_name>/"
+    if ".." in Path(v).parts:
+        return "must not contain '..' (give the folder's full path, or leave it out to write into reports/<run_name>/)"
+    repo = _REPO_ROOT.resolve()
+    reports = repo / "reports"
+    root = (Path(v) if Path(v).is_absolute() else repo / v).resolve()
+    if root == repo or repo.is_relative_to(root):
+        return "must not be the repository or a folder above it; leave it out to write into reports/<run_name>/"
+    if root.is_relative_to(repo) and not (root.is_relative_to(reports) and root != reports):
+        return "inside the repository must be a folder under reports/ (e.g. reports/my_run), so no source file is overwritten"
+    if root.is_file():
+        return "is an existing file, not a folder"
+    return None
+
+
 def _choice(*options):
     def rule(v):
         return None if v in options else f"must be one of {', '.join(map(repr, options))}"
@@ -173,7 +201,7 @@ def _non_empty(v):
 #: notebook parameter has a rule (a test enforces it); ``None`` values skip the rule.
 RULES: dict[str, Callable[[Any], str | None]] = {
     "run_name": _run_name,
-    "output_dir": _non_empty,
+    "output_dir": _output_dir,
     "input": _non_empty,
     "simulate": lambda v: None,
     "simulate_n_cells": _positive_int,
@@ -191,32 +219,60 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "min_cells_per_gene": _non_negative,
     "min_cells_per_group": _positive_int,
     "cell_cycle_genes": _non_empty,
-    "hvg_min_mean": lambda v: None,
-    "hvg_max_mean": lambda v: None,
-    "hvg_min_disp": lambda v: None,
+    "hvg_min_mean": _finite,
+    "hvg_max_mean": _finite,
+    "hvg_min_disp": _finite,
     "hvg_n_top_genes": _positive_int,
     "hvg_use_all_genes": lambda v: None,
-    "gene_sets": lambda v: None if v and all(s.strip() for s in v) else "must list at least one GMT file",
+    "gene_sets": lambda v: None if v and all(s.strip() for s in v) else "must list at least one gene-set library (GMT file or Enrichr name)",
     "k_values": _k_values,
     "k": _positive_int,
     "solver": _choice("hals", "mu"),
     "n_restarts": _positive_int,
     "holdout_fraction": lambda v: None if 0 <= v <= 0.5 else "must lie in [0, 0.5]",
     "n_jobs": _positive_int,
+    "split_half": lambda v: None,
     "max_iter": _positive_int,
     "tol": _positive_float,
+    "test": _choice("auto", "welch", "ols_batch", "mannwhitney"),
     "fdr": _probability,
     "n_top_programs": _positive_int,
     "n_top_genes": _positive_int,
     "min_set_size": _positive_int,
     "max_set_size": _positive_int,
     "n_top_terms": _positive_int,
+    "prerank": lambda v: None,
+    "prerank_min_set_size": _positive_int,
 }
 
 
 def _describe(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _type_hint(value: Any, annotation: str) -> str:
+    """A sentence on how to write ``value`` so that it has type ``annotation`` (or '')."""
+    numeric = "int" in annotation or "float" in annotation
+    if value is None:
+        return " Remove the key to use the default, or give a value."
+    if annotation.startswith("list") and not isinstance(value, list):
+        return f" Write a list, e.g. [{_describe(value)}] or one '- item' line per entry."
+    if isinstance(value, (list, dict)) and not annotation.startswith("list"):
+        return " Give a single value, not a list or mapping."
+    if isinstance(value, str) and numeric:
+        try:
+            float(value)
+        except ValueError:
+            return " Give a number."
+        if "e" in value.lower() and "." not in value:
+            return " YAML reads a number like 1e-4 as text: write 1.0e-4 or 0.0001."
+        return " Write the number without quotes."
+    if isinstance(value, str) and "bool" in annotation and value.lower() in ("true", "false", "yes", "no"):
+        return " Write true or false without quotes."
+    if isinstance(value, float) and "int" in annotation and value.is_integer():
+        return f" Write {int(value)} (a whole number, no decimal point)."
+    return ""
 
 
 def validate(values: dict[str, Any], declared: dict[str, Parameter], source: str = "parameters") -> dict[str, Any]:
@@ -231,7 +287,7 @@ def validate(values: dict[str, Any], declared: dict[str, Parameter], source: str
     problems = []
     for key in values:
         if key not in declared:
-            close = _closest(key, declared)
+            close = _closest(str(key), declared)
             hint = f" Did you mean {close!r}?" if close else ""
             problems.append(f"unknown key {key!r}.{hint} Known keys: {', '.join(declared)}.")
     merged = {name: p.default for name, p in declared.items()}
@@ -240,7 +296,8 @@ def validate(values: dict[str, Any], declared: dict[str, Parameter], source: str
             continue
         p = declared[key]
         if not _type_ok(value, p.annotation):
-            problems.append(f"{key!r} must be of type {p.annotation}, got {_describe(value)} ({type(value).__name__}).")
+            problems.append(f"{key!r} must be of type {p.annotation}, got {_describe(value)} ({type(value).__name__})."
+                            + _type_hint(value, p.annotation))
             continue
         merged[key] = value
     for key, value in merged.items():
@@ -293,13 +350,44 @@ def _closest(key: str, declared: dict[str, Parameter]) -> str | None:
     return matches[0] if matches else None
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, first, second):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.first, self.second = key, first, second
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (values, never code) that refuses a key given twice in one mapping."""
+
+
+def _construct_unique_mapping(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            if key in seen:
+                raise _DuplicateKey(key, seen[key], key_node.start_mark.line + 1)
+            seen[key] = key_node.start_mark.line + 1
+        except TypeError:  # an unhashable key: let SafeLoader report it
+            pass
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a parameters YAML file safely (``yaml.safe_load``: values, never code)."""
+    """Read a parameters YAML file safely (a ``yaml.SafeLoader``: values, never code; no key twice)."""
     path = Path(path)
     if not path.is_file():
         raise ParameterError(f"Parameters file {str(path)!r} does not exist. Copy params/papalexi2021.yaml and edit it.")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except _DuplicateKey as err:
+        raise ParameterError(f"Parameters file {str(path)!r} sets {err.key!r} twice (lines {err.first} and "
+                             f"{err.second}); keep one of them.") from None
+    except UnicodeDecodeError:
+        raise ParameterError(f"Parameters file {str(path)!r} is not UTF-8 text; save it as UTF-8.") from None
     except yaml.YAMLError as err:
         raise ParameterError(f"Parameters file {str(path)!r} is not valid YAML: {err}") from None
     if values is None:

@@ -6,6 +6,7 @@ figures) so the notebooks stay a list of calls.
 
 from __future__ import annotations
 
+import html
 import json
 import os
 from pathlib import Path
@@ -16,15 +17,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from . import enrichment, evaluation, factorize, plotting, report, simulate
+from . import enrichment, evaluation, factorize, plotting, report, simulate, stats
 from .preprocess import InputError
 from .provenance import REPO_ROOT
 
 __all__ = [
-    "resolve", "write_simulated_inputs", "check_gene_sets", "library_name", "write_h5ad", "read_h5ad",
+    "resolve", "write_simulated_inputs", "check_gene_sets", "library_name", "load_libraries", "write_h5ad", "read_h5ad",
     "show_input", "show_simulation_truth", "show_qc", "show_cell_cycle", "show_k_selection", "show_factorization",
     "show_program_recovery", "show_effect_recovery", "show_calibration", "show_top_genes", "show_enrichment",
-    "write_summary_workbook",
+    "write_summary_workbook", "contrast_method", "show_hits", "show_guide_consistency",
+    "show_split_half_programs", "show_program_labels", "run_prerank", "show_prerank", "labelled_hits", "top_hit_programs", "split_half_comparison", "show_split_half",
 ]
 
 
@@ -64,32 +66,60 @@ def write_simulated_inputs(input_path: str, gene_sets_path: str, cell_cycle_path
         simulate.write_cell_cycle_genes(markers, adata)
 
 
-def library_name(path: str | Path) -> str:
-    """Short name of a gene-set library from its file name (``h.all.v7.0.symbols.gmt`` → ``h.all.v7.0.symbols``)."""
-    return Path(path).name.removesuffix(".gmt")
+def library_name(spec: str | Path) -> str:
+    """Short name of a gene-set library: the GMT file name without ``.gmt``, or the Enrichr name."""
+    return Path(spec).name.removesuffix(".gmt")
 
 
-def check_gene_sets(paths: list[str], genes: pd.Index) -> dict[str, dict[str, Any]]:
-    """Read each GMT early and check it shares genes with the data; return a summary per library."""
+def _is_path(spec: str) -> bool:
+    return str(spec).endswith(".gmt") or "/" in str(spec) or resolve(spec).is_file()
+
+
+def load_libraries(specs: list[str]) -> dict[str, dict[str, list[str]]]:
+    """Every gene-set library of parameter ``gene_sets``: GMT paths read locally, other names from Enrichr."""
+    libraries = {}
+    for spec in specs:
+        try:
+            libraries[library_name(spec)] = enrichment.load_library(resolve(spec) if _is_path(spec) else spec)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"Gene-set library {spec!r} (parameter 'gene_sets'): {exc}") from None
+    return libraries
+
+
+def _identifier_kind(names) -> str:
+    """What a sample of gene identifiers looks like: Ensembl IDs, upper-case (human) or capitalised (mouse) symbols."""
+    names = [str(n) for n in names][:2000]
+    if not names:
+        return "no identifiers"
+    if sum(n.upper().startswith("ENS") and any(c.isdigit() for c in n) for n in names) > len(names) / 2:
+        return "Ensembl IDs"
+    letters = [n for n in names if any(c.isalpha() for c in n)]
+    if sum(n[:1].isupper() and n[1:] == n[1:].lower() and n[1:] != n[1:].upper() for n in letters) > len(letters) / 2:
+        return "capitalised (mouse-style) symbols"
+    if sum(n == n.upper() for n in letters) > len(letters) / 2:
+        return "upper-case (human-style) symbols"
+    return "other identifiers"
+
+
+def check_gene_sets(specs: list[str], genes: pd.Index) -> dict[str, dict[str, Any]]:
+    """Read each library early and check it shares genes with the data; return a summary per library."""
     summary = {}
     gene_set = set(genes)
-    for path in paths:
-        if not str(path).endswith(".gmt"):
-            raise InputError(
-                f"Gene-set library {path!r} (parameter 'gene_sets') is not a .gmt file. Enrichment runs offline: "
-                "download the library as GMT (e.g. from Enrichr or MSigDB) and give its path."
-            )
-        sets = enrichment.read_gmt(resolve(path))
+    for spec, (name, sets) in zip(specs, load_libraries(specs).items()):
         members = set().union(*sets.values())
         shared = members & gene_set
         if not shared:
+            data_kind, library_kind = _identifier_kind(sorted(gene_set)), _identifier_kind(sorted(members))
+            diagnosis = (f"The data uses {data_kind}, the library uses {library_kind}: convert one to the other "
+                         "(e.g. var names from a gene-symbol column) or use a library with the data's identifiers."
+                         if data_kind != library_kind else
+                         "Both look like the same kind of identifier; is it a library for another organism?")
             raise InputError(
-                f"Gene-set library {path!r} shares no gene with the data (e.g. data {sorted(gene_set)[:3]}, "
-                f"library {sorted(members)[:3]}). Are the identifiers of the same kind (symbols vs Ensembl IDs, "
-                "human vs mouse case)?"
+                f"Gene-set library {spec!r} (parameter 'gene_sets') shares no gene with the data (e.g. data "
+                f"{sorted(gene_set)[:3]}, library {sorted(members)[:3]}). {diagnosis}"
             )
-        summary[library_name(path)] = {"path": str(path), "gene_sets": len(sets), "genes": len(members),
-                                       "genes_in_data": len(shared)}
+        summary[name] = {"path": str(spec), "gene_sets": len(sets), "genes": len(members),
+                         "genes_in_data": len(shared)}
     return summary
 
 
@@ -253,23 +283,45 @@ def show_program_recovery(adata, paths) -> None:
                              "min_program_cosine": float(match["cosine"].min())})
 
 
-def show_effect_recovery(adata, contrasts: pd.DataFrame, paths, fdr: float) -> None:
-    """Demo only: planted perturbation effects found, and false discoveries."""
+def show_effect_recovery(adata, contrasts: pd.DataFrame, groups: pd.Series, control_label: str, paths,
+                         fdr: float) -> None:
+    """Demo only: planted perturbation effects found, and false discoveries judged three ways."""
+    implied = evaluation.implied_effects(adata.obsm["simulation_usage"], factorize.usage(adata), groups.to_numpy(),
+                                         control_label)
     result = evaluation.effect_recovery(contrasts, pd.DataFrame(adata.uns["simulation"]["effects"]),
-                                        _program_match(adata), fdr=fdr)
-    report.note(
-        f"Truth check (simulated data): {result['n_recovered']} of {result['n_planted']} planted effects found "
-        f"(sensitivity {result['sensitivity']:.2f}) at q < {fdr}; {result['n_false_discoveries']} of "
-        f"{result['n_discoveries']} discoveries are not planted pairs (false discovery proportion "
-        f"{result['false_discovery_proportion']:.2f}): {result['n_null_target_discoveries']} on targets "
-        f"without any planted effect, {result['n_spillover_discoveries']} on other programs of targets that do "
-        "have one (recovered programs blend planted ones, so part of a real effect spills over)."
-    )
+                                        _program_match(adata), fdr=fdr, implied=implied)
+    n_targets = contrasts.loc[contrasts["qvalue"] < fdr, "perturbation"].nunique()
+    n_null_targets = len(adata.uns["simulation"]["null_targets"])
+    null_called = len(set(contrasts.loc[contrasts["qvalue"] < fdr, "perturbation"])
+                      & set(adata.uns["simulation"]["null_targets"]))
+    rows = [
+        ("planted effects found (right program, right sign)",
+         f"{result['n_recovered']} of {result['n_planted']} (sensitivity {result['sensitivity']:.2f})"),
+        (f"discoveries (q < {fdr})", result["n_discoveries"]),
+        ("targets with a discovery / null targets among them", f"{n_targets} / {null_called} of {n_null_targets}"),
+        ("discoveries against the sign of the implied shift (directional FDP)",
+         f"{result['n_sign_errors']} ({result['directional_false_discovery_proportion']:.3f})"),
+        (f"… or with an implied shift below |d| = {result['min_implied_effect']} (FDP)",
+         f"{result['n_sign_errors'] + result['n_negligible']} ({result['implied_false_discovery_proportion']:.3f})"),
+        ("discoveries that are not a planted pair (strict FDP)",
+         f"{result['n_false_discoveries']} ({result['false_discovery_proportion']:.3f}): "
+         f"{result['n_null_target_discoveries']} on null targets, {result['n_spillover_discoveries']} on other "
+         "programs of perturbed targets"),
+    ]
+    report.table(pd.DataFrame(rows, columns=["truth check (simulated data)", "value"]),
+                 "A planted effect changes more than its own program: recovered programs blend planted ones, and "
+                 "a program whose genes rise takes a larger share of each cell's counts, so after normalisation "
+                 "every other gene falls a little. These shifts are real in the data. The implied shift of each "
+                 "perturbation × program is computed from the truth alone (recovered usage regressed on planted "
+                 "usage over all cells, applied to the planted change of each target's mean usage); a discovery "
+                 "is false when the implied shift has the other sign or is negligible. The strict count treats "
+                 "every pair that was not planted as false.")
     report.table(result["table"], "Each planted effect, the recovered program it maps to, and what the test found.")
-    _update_recovery(paths, {key: result[key] for key in ("n_planted", "n_recovered", "sensitivity",
-                                                          "n_discoveries", "n_false_discoveries",
-                                                          "n_null_target_discoveries", "n_spillover_discoveries",
-                                                          "false_discovery_proportion")})
+    keys = ("n_planted", "n_recovered", "sensitivity", "n_discoveries", "n_false_discoveries",
+            "n_null_target_discoveries", "n_spillover_discoveries", "false_discovery_proportion", "n_sign_errors",
+            "n_negligible", "min_implied_effect", "implied_false_discovery_proportion",
+            "directional_false_discovery_proportion")
+    _update_recovery(paths, {key: result[key] for key in keys} | {"n_null_targets_called": null_called})
 
 
 def show_calibration(null: pd.DataFrame, contrasts: pd.DataFrame, fdr: float, paths) -> dict[str, Any]:
@@ -278,6 +330,7 @@ def show_calibration(null: pd.DataFrame, contrasts: pd.DataFrame, fdr: float, pa
 
     null.to_csv(paths.calibration_null, index=False)
     summary = calibration_summary(null["pvalue"], fdr=fdr)
+    paths.calibration_json.write_text(json.dumps(summary, indent=2))
     split = null["null_split"].iloc[0]
     rows = [
         ("pseudo-perturbations", f"{null['perturbation'].nunique()} ({'one per control guide' if split == 'control guide' else 'random control subsets sized like real groups'})"),
@@ -300,6 +353,121 @@ def show_calibration(null: pd.DataFrame, contrasts: pd.DataFrame, fdr: float, pa
             "(guides, batches), so read the real q-values with caution."
         )
     return summary
+
+
+_TESTS = {
+    "welch": "Welch t-test of usage in the perturbed cells against control cells; effect = difference of mean usage",
+    "ols_batch": "the perturbation coefficient of usage ~ perturbed + C({batch}) on the perturbed and control cells "
+                 "(HC3 standard errors), so batch differences are not credited to the perturbation; effect = the "
+                 "batch-adjusted difference of mean usage",
+    "mannwhitney": "Mann–Whitney rank test of usage in the perturbed cells against control cells (stratified by "
+                   "batch as van Elteren's test when a batch key is given), robust to the skewed, zero-inflated "
+                   "usage; effect = difference of mean usage (batch-adjusted with a batch key)",
+}
+
+
+def contrast_method(test: str, batch_key: str | None) -> str:
+    """The contrast test of parameter ``test``.
+
+    ``auto`` is the rank test (van Elteren's, stratified by batch, when there are batches): on
+    zero-inflated usage the t-tests give about twice too many p-values in the far tail where
+    Benjamini–Hochberg makes its first calls (tests/test_stats_power.py), the rank tests do not.
+    """
+    if test == "auto":
+        return "mannwhitney"
+    if test == "ols_batch" and not batch_key:
+        raise InputError("Parameter 'test' is 'ols_batch' but 'batch_key' is not set: the batch-adjusted test "
+                         "needs batches. Set 'batch_key', or use test 'welch', 'mannwhitney' or 'auto'.")
+    return test
+
+
+def show_hits(hits: pd.DataFrame, method: str, batch_key: str | None, fdr: float) -> None:
+    columns = [c for c in ("perturbation", "program", "n_cells", "effect", "effect_std", "statistic", "qvalue",
+                           "consistency", "guide_heterogeneity_pvalue") if c in hits.columns]
+    report.table(hits[columns], f"Perturbation × program pairs with q < {fdr}: {_TESTS[method].format(batch=batch_key)}"
+                 "; effect_std = effect / pooled SD (Cohen's d), q = Benjamini–Hochberg over all perturbation × "
+                 "program tests; consistency counts the target's guides and the batches whose own effect has the "
+                 "same sign; guide_heterogeneity_pvalue tests whether the target's guides differ from each other.")
+
+
+def show_guide_consistency(hits: pd.DataFrame, guide_table: pd.DataFrame, n_shown: int = 12) -> None:
+    """How many hits every guide supports, and the per-guide effects of the strongest hits."""
+    with_guides = hits[hits["n_guides"] > 1]
+    if not len(with_guides):
+        report.note("No hit has two or more guides with enough cells, so guide consistency cannot be judged.")
+        return
+    all_agree = int((with_guides["n_guides_same_sign"] == with_guides["n_guides"]).sum())
+    heterogeneous = int((with_guides["guide_heterogeneity_pvalue"] < 0.01).sum())
+    report.note(f"{all_agree} of {len(with_guides)} hits with two or more guides have every guide shifting the "
+                f"program in the same direction; {heterogeneous} show guides that differ from each other "
+                "(heterogeneity p < 0.01). Per-guide effects of all pairs: guide_effects.csv.")
+    plotting.guide_effects(with_guides.head(n_shown), guide_table)
+    plt.show()
+
+
+def show_split_half_programs(adata, match: pd.DataFrame, min_cosine: float = 0.8) -> None:
+    """How closely the programs learned on half of the cells resemble the kept ones."""
+    info = adata.uns["snmf"]["split_half"]
+    reproduced = int((match["cosine"] >= min_cosine).sum())
+    wide = pd.DataFrame([match["cosine"].to_numpy(dtype=float)], columns=match["program"].tolist())
+    wide.insert(0, "", "cosine with the learn-half twin")
+    report.table(wide,
+                 f"Consensus semi-NMF with the same k, refitted on a random half of every perturbation group "
+                 f"({info['n_learn']} cells); each kept program and the cosine of its loadings with its matched "
+                 f"learn-half twin. {reproduced} of {len(match)} programs are reproduced (cosine ≥ {min_cosine}). "
+                 f"The other {info['n_test']} cells' usage of the learn-half programs is in obsm['X_snmf_split']; "
+                 "step 3 tests on them.", max_rows=5)
+
+
+def split_half_comparison(adata, groups: pd.Series, control_label: str, batch: pd.Series | None, method: str,
+                          min_cosine: float = 0.8) -> pd.DataFrame:
+    """Test-half effects with the kept programs (they saw these cells) and with the learn-half programs.
+
+    The step's contrast test (``method``) runs on the test-half cells twice. Returns one row per
+    perturbation × program: ``effect``, ``effect_std`` and ``qvalue`` for both (suffixes
+    ``_seen`` and ``_unseen``), and ``cosine`` of the program with its learn-half twin.
+    """
+    def contrast_test(part: pd.DataFrame) -> pd.DataFrame:
+        return stats.program_contrasts(part, groups[part.index], control_label,
+                                       batch=None if batch is None else batch[part.index], method=method)
+
+    unseen = factorize.split_usage(adata)
+    seen = factorize.usage(adata).loc[unseen.index]
+    columns = ["perturbation", "program", "effect", "effect_std", "qvalue"]
+    comparison = contrast_test(seen)[columns].merge(contrast_test(unseen)[columns], on=["perturbation", "program"],
+                                                    suffixes=("_seen", "_unseen"))
+    cosine = dict(zip(adata.uns["snmf"]["program_names"], adata.uns["snmf"]["split_half"]["cosine"]))
+    comparison["cosine"] = comparison["program"].map(cosine)
+    comparison["program_reproduced"] = comparison["cosine"] >= min_cosine
+    return comparison
+
+
+def show_split_half(comparison: pd.DataFrame, contrasts: pd.DataFrame, fdr: float, n_learn: int,
+                    min_cosine: float = 0.8) -> pd.DataFrame:
+    """The double-dipping check: summary per group of programs, the scatter; contrasts gain split columns."""
+    rows = []
+    for reproduced, part in comparison.groupby("program_reproduced"):
+        rows.append({
+            "programs": (f"reproduced on the learn half (cosine ≥ {min_cosine})" if reproduced
+                         else f"not reproduced (cosine < {min_cosine})"),
+            "n programs": part["program"].nunique(),
+            "correlation of d (seen vs unseen)": part["effect_std_seen"].corr(part["effect_std_unseen"]),
+            f"hits q < {fdr}, seen": int((part["qvalue_seen"] < fdr).sum()),
+            f"hits q < {fdr}, unseen": int((part["qvalue_unseen"] < fdr).sum()),
+            "hits in both": int(((part["qvalue_seen"] < fdr) & (part["qvalue_unseen"] < fdr)).sum()),
+        })
+    report.table(pd.DataFrame(rows).iloc[::-1],
+                 f"Double-dipping check. The programs were learned again on a random half of every perturbation "
+                 f"group ({n_learn} cells) and the other half's usage refitted to them. On that test half, every "
+                 "perturbation is tested twice: with the kept programs, which were learned on all cells including "
+                 "these (seen), and with the learn-half programs, which never saw them (unseen). If learning and "
+                 "testing on the same cells inflated the results, the seen test would find more and larger effects.")
+    plotting.split_half_scatter(comparison, fdr, min_cosine)
+    plt.show()
+    split = comparison.rename(columns={"effect_unseen": "effect_split", "effect_std_unseen": "effect_std_split",
+                                       "qvalue_unseen": "qvalue_split", "cosine": "split_program_cosine"})
+    return contrasts.merge(split[["perturbation", "program", "effect_split", "effect_std_split", "qvalue_split",
+                                  "split_program_cosine"]], on=["perturbation", "program"], how="left")
 
 
 def show_top_genes(top: pd.DataFrame, n_shown: int = 10) -> None:
@@ -329,15 +497,88 @@ def show_enrichment(enrichment_table: pd.DataFrame, fdr: float, n_background: in
                         "sets of one library tested for one list.")
 
 
+def show_program_labels(labels: pd.DataFrame, fdr: float) -> None:
+    shown = labels[["program", "label", "library", "term", "qvalue"]]
+    n_terms = int((labels["source"] == "term").sum())
+    report.table(shown, f"A short label per program, used in the figures below and in the summary: the gene set with "
+                        f"the smallest q (< {fdr}) over both sides and every library (↑ positive loadings, ↓ negative), "
+                        f"else the program's three top genes. {n_terms} of {len(labels)} programs are labelled by a "
+                        "gene set. Table: program_labels.csv.", max_rows=100)
+
+
+def run_prerank(loadings: pd.DataFrame, libraries, **kwargs) -> tuple[pd.DataFrame, list[str]]:
+    """:func:`perturbnmf.enrichment.prerank`, with gseapy's messages (written by its compiled core
+    straight to file descriptor 2, past Python's ``sys.stderr``) collected for the report."""
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            ranked = enrichment.prerank(loadings, libraries, **kwargs)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        messages = [line.strip() for line in captured.read().decode(errors="replace").splitlines() if line.strip()]
+    return ranked, messages
+
+
+def show_prerank(ranked: pd.DataFrame, fdr: float, messages: list[str] = (), n_shown: int = 25) -> None:
+    tested = len(ranked)
+    significant = ranked[ranked["qvalue"] < fdr].sort_values("qvalue", kind="stable")
+    caption = (f"GSEA prerank on each program's whole signed loading vector (multilevel p-values, fgsea's method), "
+               f"{tested} program × gene-set tests (sets with too few genes among the factorised genes are not "
+               "tested), q = Benjamini–Hochberg over all of them; all in prerank.csv.")
+    if not len(significant):
+        report.note(caption + f" No gene set reaches q < {fdr}.")
+    else:
+        report.table(significant[["program", "library", "term", "n_genes", "nes", "pvalue", "qvalue", "leading_edge"]],
+                     caption + f" Shown: q < {fdr}. NES > 0: the set's genes load positively; leading_edge: the "
+                     "genes that drive it.", max_rows=n_shown)
+    for message in messages:
+        report.note(f"gseapy: {html.escape(message)}")
+
+
+def labelled_hits(paths, label_of: dict[str, str], fdr: float) -> pd.DataFrame:
+    """Step 3's contrasts with each program's label; the hits (q < fdr) go to perturbation_hits.csv."""
+    contrasts = pd.read_csv(paths.program_contrasts)
+    contrasts.insert(2, "label", contrasts["program"].map(label_of))
+    hits = contrasts[contrasts["qvalue"] < fdr].sort_values(["qvalue", "perturbation", "program"], kind="stable")
+    hits.to_csv(paths.perturbation_hits, index=False)
+    columns = [c for c in ("perturbation", "label", "effect", "effect_std", "qvalue", "consistency", "qvalue_split")
+               if c in hits.columns]
+    report.table(hits[columns], f"The perturbation → program hits of step 3 (q < {fdr}), each program named by its "
+                                "label: effect = shift of mean usage against control cells, effect_std = Cohen's d, "
+                                "consistency = guides and batches agreeing in sign, qvalue_split = the test on half "
+                                "of the cells with programs learned on the other half. All: perturbation_hits.csv.")
+    return contrasts
+
+
+def top_hit_programs(contrasts: pd.DataFrame, fdr: float, n: int) -> list[str]:
+    """Programs with the strongest hits (smallest q first), at most ``n``."""
+    hits = contrasts[contrasts["qvalue"] < fdr].sort_values("qvalue", kind="stable")
+    return list(dict.fromkeys(hits["program"]))[:n]
+
+
 def write_summary_workbook(paths, fdr: float) -> None:
-    """summary.xlsx with the sheets of the original analysis plus contrasts and top genes."""
-    anova = pd.read_csv(paths.program_anova) if paths.program_anova.exists() else pd.DataFrame()
+    """summary.xlsx: the answer first, then the sheets of the original analysis and the other tables."""
+    def read(path):
+        return pd.read_csv(path) if path.exists() else None
+
+    anova = read(paths.program_anova)
     sheets = {
+        "Perturbation Hits": read(paths.perturbation_hits),
+        "Program Labels": read(paths.program_labels),
         "W_ANOVA": anova,
-        "Significant Factors": anova[anova["qvalue"] < fdr] if len(anova) else anova,
-        "Pathway Enrichment": pd.read_csv(paths.enrichment),
-        "Top Pathways": pd.read_csv(paths.top_terms),
-        "Program Contrasts": pd.read_csv(paths.program_contrasts) if paths.program_contrasts.exists() else pd.DataFrame(),
-        "Top Genes": pd.read_csv(paths.top_genes),
+        "Significant Factors": anova[anova["qvalue"] < fdr] if anova is not None else None,
+        "Pathway Enrichment": read(paths.enrichment),
+        "Top Pathways": read(paths.top_terms),
+        "Program Contrasts": read(paths.program_contrasts),
+        "Guide Effects": read(paths.guide_effects),
+        "Prerank": read(paths.prerank),
+        "Top Genes": read(paths.top_genes),
     }
-    report.write_workbook(paths.summary_xlsx, sheets)
+    report.write_workbook(paths.summary_xlsx, {name: frame for name, frame in sheets.items() if frame is not None})

@@ -24,6 +24,11 @@ _CBAR_RIGHT = (1.1, 0.3, 0.015, 0.4)
 PALETTE = "tab10"
 
 
+def _shorten(text: str, limit: int) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _group_height(n_groups: int, per_group: float = 0.28, minimum: float = 3.0) -> float:
     return max(minimum, per_group * n_groups + 1.2)
 
@@ -272,8 +277,11 @@ def program_boxplots(usage: pd.DataFrame, groups: pd.Series, programs: list[str]
     return fig
 
 
-def effect_heatmap(contrasts: pd.DataFrame, fdr: float, value: str = "effect_std"):
-    """Clustered perturbation × program heatmap of standardised effects; * marks q < fdr."""
+def effect_heatmap(contrasts: pd.DataFrame, fdr: float, value: str = "effect_std", labels: dict | None = None):
+    """Clustered perturbation × program heatmap of standardised effects; * marks q < fdr.
+
+    ``labels`` maps program names to the labels shown on the x axis (e.g. from enrichment).
+    """
     table = contrasts.pivot(index="perturbation", columns="program", values=value)
     qvalues = contrasts.pivot(index="perturbation", columns="program", values="qvalue").reindex_like(table)
     marks = np.where(qvalues.to_numpy() < fdr, "*", "")
@@ -292,8 +300,101 @@ def effect_heatmap(contrasts: pd.DataFrame, fdr: float, value: str = "effect_std
         fig, ax = plt.subplots(figsize=size)
         sns.heatmap(table, ax=ax, **kwargs)
         ax.set_title(f"Perturbation effects on programs (* q < {fdr})")
+    if labels:
+        ax.set_xticklabels([labels.get(t.get_text(), t.get_text()) for t in ax.get_xticklabels()], rotation=90)
     ax.set_xlabel("program")
     ax.set_ylabel("perturbation")
+    return fig
+
+
+def volcano(contrasts: pd.DataFrame, fdr: float, labels: dict | None = None, ncols: int = 4, n_named: int = 3):
+    """One volcano per program: Cohen's d against −log10 p, hits (q < fdr) coloured and the strongest named.
+
+    Parameters
+    ----------
+    contrasts : DataFrame
+        :func:`perturbnmf.stats.program_contrasts` output (``program``, ``perturbation``,
+        ``effect_std``, ``pvalue``, ``qvalue``).
+    labels : dict, optional
+        Program → label for the panel titles.
+    """
+    programs = list(dict.fromkeys(contrasts["program"]))
+    ncols = max(1, min(ncols, len(programs)))
+    nrows = int(np.ceil(len(programs) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.0 * nrows), squeeze=False)
+    x_limit = float(np.nanmax(np.abs(contrasts["effect_std"]))) * 1.1 if len(contrasts) else 1.0
+    for ax, program in zip(axes.flat, programs):
+        rows = contrasts[contrasts["program"] == program]
+        y = -np.log10(np.clip(rows["pvalue"].to_numpy(dtype=float), 1e-300, 1.0))
+        hit = (rows["qvalue"] < fdr).to_numpy()
+        ax.scatter(rows["effect_std"][~hit], y[~hit], s=10, color="#b0b0b0", label=f"q ≥ {fdr}")
+        ax.scatter(rows["effect_std"][hit], y[hit], s=14, color="#c0392b", label=f"q < {fdr}")
+        strongest = np.argsort(-np.where(hit, y, -np.inf))[: min(n_named, int(hit.sum()))]
+        for i in strongest:
+            ax.annotate(str(rows["perturbation"].iloc[i]), (rows["effect_std"].iloc[i], y[i]), fontsize=7,
+                        xytext=(2, 2), textcoords="offset points")
+        ax.axvline(0, color="#888888", linewidth=0.6)
+        ax.set_xlim(-x_limit, x_limit)
+        ax.set_title(_shorten((labels or {}).get(program, program), 38), fontsize=9)
+        ax.set_xlabel("effect (Cohen's d)", fontsize=8)
+        ax.set_ylabel("−log10 p", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(programs):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle("Volcano plot per program: each point is one perturbation against control cells", fontweight="bold")
+    fig.tight_layout()
+    return fig
+
+
+def guide_effects(hits: pd.DataFrame, guide_table: pd.DataFrame, labels: dict | None = None):
+    """Per-guide effects (dots) beside each hit's overall effect (bar), one row per perturbation → program hit."""
+    names = [f"{p} → {_shorten((labels or {}).get(g, g), 30)}" for p, g in zip(hits["perturbation"], hits["program"])]
+    fig, ax = plt.subplots(figsize=(7, _group_height(len(hits), 0.38, 2.5)))
+    y = np.arange(len(hits))
+    ax.barh(y, hits["effect"], color="#c6d4e8", label="all cells of the target")
+    value = "effect_batch_adjusted" if "effect_batch_adjusted" in guide_table.columns else "effect"
+    keyed = guide_table.set_index(["perturbation", "program"]).sort_index()
+    for row, (pert, program) in enumerate(zip(hits["perturbation"], hits["program"])):
+        if (pert, program) in keyed.index:
+            values = np.atleast_1d(keyed.loc[(pert, program), value].to_numpy(dtype=float))
+            ax.scatter(values, np.full(values.size, row), color="#1f3b73", s=18, zorder=3,
+                       label="one guide" if row == 0 else None)
+    ax.axvline(0, color="#888888", linewidth=0.7)
+    ax.set_yticks(y, names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("effect on usage vs control cells")
+    ax.set_title("Do the guides of a target agree? (strongest hits)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def split_half_scatter(comparison: pd.DataFrame, fdr: float, min_cosine: float = 0.8):
+    """Effects on the test half: programs that saw these cells (x) vs programs that did not (y).
+
+    ``comparison`` has one row per perturbation × program with ``effect_std_seen``,
+    ``effect_std_unseen``, ``qvalue_seen``, ``qvalue_unseen`` and ``cosine`` (the program's match
+    to its learn-half twin).
+    """
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    matched = comparison["cosine"] >= min_cosine
+    for mask, color, name in ((matched, "#4c72b0", f"program reproduced on the learn half (cosine ≥ {min_cosine})"),
+                              (~matched, "#c8c8c8", f"program not reproduced (cosine < {min_cosine})")):
+        ax.scatter(comparison.loc[mask, "effect_std_seen"], comparison.loc[mask, "effect_std_unseen"], s=12,
+                   color=color, label=name)
+    both = (comparison["qvalue_seen"] < fdr) & (comparison["qvalue_unseen"] < fdr)
+    ax.scatter(comparison.loc[both, "effect_std_seen"], comparison.loc[both, "effect_std_unseen"], s=40,
+               facecolors="none", edgecolors="#c0392b", label=f"q < {fdr} in both")
+    limit = float(np.nanmax(np.abs(comparison[["effect_std_seen", "effect_std_unseen"]].to_numpy()))) * 1.05
+    ax.plot([-limit, limit], [-limit, limit], color="#888888", linewidth=0.7, linestyle="--")
+    ax.set_xlim(-limit, limit)
+    ax.set_ylim(-limit, limit)
+    ax.set_xlabel("effect with programs learned on all cells (d)")
+    ax.set_ylabel("effect with programs learned on the other half (d)")
+    ax.set_title("Double-dipping check on the test half of the cells")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
     return fig
 
 
@@ -331,37 +432,202 @@ def null_qq(null_pvalues, real_pvalues=None):
 
 # --- 04 enrichment -----------------------------------------------------------------------
 
-def enrichment_dotplot(top: pd.DataFrame, max_term_chars: int = 60):
-    """Program × term dots: size −log10 q, colour log10 combined score (as the original analysis)."""
+def _wrap_term(text: str, width: int, max_chars: int) -> str:
+    """``text`` cut to ``max_chars`` characters (ending "…") and wrapped onto at most two lines of ``width``."""
+    import textwrap
+
+    text = " ".join(str(text).split())
+    if len(text) > max_chars:
+        text = text[: max_chars - 1].rstrip() + "…"
+    if len(text) <= width:
+        return text
+    # MSigDB-style names are one long word: let lines break after underscores too
+    lines = textwrap.wrap(text.replace("_", "_ "), width=width, break_long_words=True, break_on_hyphens=False)
+    lines = [line.replace("_ ", "_") for line in lines]
+    if len(lines) > 2:
+        second = " ".join(lines[1:])
+        lines = [lines[0], second[: width - 1].rstrip() + "…"]
+    return "\n".join(lines)
+
+
+def _label_mapping(labels) -> dict:
+    if labels is None:
+        return {}
+    if isinstance(labels, pd.DataFrame):
+        if not {"program", "label"}.issubset(labels.columns):
+            raise ValueError("labels: a DataFrame must have columns 'program' and 'label' (program_labels() output)")
+        return dict(zip(labels["program"], labels["label"]))
+    if isinstance(labels, pd.Series):
+        return labels.to_dict()
+    if isinstance(labels, dict) or hasattr(labels, "items"):
+        return dict(labels.items())
+    raise ValueError(f"labels must be a mapping program -> label (or program_labels() output), got {type(labels)!r}")
+
+
+def enrichment_dotplot(top: pd.DataFrame, max_term_chars: int = 60, labels=None, *, wrap_width: int = 36,
+                       max_label_chars: int = 48, tidy_terms: bool = False,
+                       title: str = "Top enriched gene sets per program"):
+    """Program × term dots: size −log10 q, colour log10 combined score (as the original analysis).
+
+    Readable with many programs and terms: every column (program and side) and every row (term) gets a
+    fixed size in inches, so the figure grows with their numbers; long term names are cut to
+    ``max_term_chars`` characters and wrapped onto at most two lines; the colour bar and the size legend
+    sit in their own column right of the dots, so they never cover dots or labels.
+
+    Parameters
+    ----------
+    top : pandas.DataFrame
+        Rows to plot, e.g. ``enrichment.top_terms()`` output: columns ``program``, ``term``, ``qvalue``,
+        ``pvalue``; optional ``side`` (one column per program and side, "(+)"/"(−)"), ``library`` (terms
+        of the same name in two libraries stay apart) and ``combined_score`` (colour; without it, but with
+        ``nes`` as in ``enrichment.prerank()`` output, colour = NES).
+    max_term_chars : int, default 60
+        Longest term name shown (then "…").
+    labels : mapping program -> str, pandas.Series or DataFrame, optional
+        Program labels for the x axis (e.g. ``enrichment.program_labels()`` output); programs missing from
+        it keep their id.  Labels longer than ``max_label_chars`` are cut.
+    wrap_width : int, default 36
+        Characters per line of a term name.
+    max_label_chars : int, default 48
+        Longest program label shown.
+    tidy_terms : bool, default False
+        Show ``enrichment.tidy_term`` names (GO ids and ``HALLMARK_`` prefixes stripped ...).
+    title : str
+        Axes title.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Size about ``0.3`` in per column and ``0.22`` in (one-line names) or ``0.34`` in (wrapped names)
+        per term, plus margins measured from the labels.
+
+    Raises
+    ------
+    ValueError
+        ``top`` empty or lacking columns, or bad ``labels``.
+    """
+    missing = [c for c in ("program", "term", "qvalue") if c not in top.columns]
+    if missing:
+        raise ValueError(f"top lacks column(s) {missing}; expected top_terms() output")
+    if len(top) == 0:
+        raise ValueError("top is empty: no terms to plot (did any term pass the FDR threshold?)")
+    for name, value, low in (("max_term_chars", max_term_chars, 2), ("wrap_width", wrap_width, 5),
+                             ("max_label_chars", max_label_chars, 2)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    label_of = _label_mapping(labels)
     data = top.copy()
-    data["list"] = data["program"] + np.where(data["side"] == "negative", " (−)", " (+)")
-    data["term_label"] = [t if len(t) <= max_term_chars else t[: max_term_chars - 1] + "…" for t in data["term"]]
-    data["neglog10q"] = -np.log10(data["qvalue"].clip(lower=1e-300))
-    lists = sorted(data["list"].unique())
-    terms = list(dict.fromkeys(data.sort_values(["program", "side", "pvalue"])["term_label"]))
-    fig, ax = plt.subplots(figsize=(min(24, 5 + 0.45 * len(lists) + 0.06 * max_term_chars),
-                                    min(30, 3 + 0.3 * len(terms))))
-    x = data["list"].map({v: i for i, v in enumerate(lists)})
-    y = data["term_label"].map({v: i for i, v in enumerate(terms)})
-    sizes = 20 + 180 * data["neglog10q"] / max(data["neglog10q"].max(), 1e-9)
-    # Enrichr's odds ratio explodes for small sets, so the combined score spans decades: colour on log10.
-    colour = np.log10(data["combined_score"].clip(lower=1e-3))
-    points = ax.scatter(x, y, s=sizes, c=colour, cmap="viridis_r", edgecolors="black", linewidths=0.3)
+    if "pvalue" not in data.columns:
+        data["pvalue"] = data["qvalue"]
+    has_side = "side" in data.columns
+    side_rank = {"positive": 0, "negative": 1}
+    data["_side"] = data["side"].map(side_rank).fillna(2) if has_side else 0
+    data["_term_key"] = (list(zip(data["library"], data["term"])) if "library" in data.columns
+                         else list(data["term"]))
+    data = data.sort_values(["program", "_side", "pvalue", "term"], kind="mergesort")
+
+    # columns: programs in sorted order, positive before negative
+    lists = list(dict.fromkeys(zip(data["program"], data["_side"])))
+    col_of = {key: i for i, key in enumerate(lists)}
+    marks = {0: " (+)", 1: " (−)", 2: ""}
+
+    def _col_text(program, side):
+        text = str(label_of.get(program, program))
+        if len(text) > max_label_chars:
+            text = text[: max_label_chars - 1].rstrip() + "…"
+        return text + (marks[side] if has_side else "")
+
+    col_texts = [_col_text(p, s) for p, s in lists]
+    # rows: terms in order of first appearance (program, side, pvalue): a rough diagonal
+    keys = list(dict.fromkeys(data["_term_key"]))
+    row_of = {k: i for i, k in enumerate(keys)}
+    dedup = data.drop_duplicates("_term_key")
+    first = dict(zip(dedup["_term_key"], dedup["term"]))
+    if tidy_terms:
+        from perturbnmf.enrichment import tidy_term
+        names = [tidy_term(first[k], max_chars=None) for k in keys]
+    else:
+        names = [str(first[k]) for k in keys]
+    row_texts = [_wrap_term(n, wrap_width, max_term_chars) for n in names]
+
+    x = np.array([col_of[(p, s)] for p, s in zip(data["program"], data["_side"])])
+    y = np.array([row_of[k] for k in data["_term_key"]])
+    neglog = -np.log10(data["qvalue"].astype(float).clip(lower=1e-300)).to_numpy()
+    top_size = max(float(np.nanmax(neglog)), 1e-9)
+
+    def _size(v):
+        return 20 + 180 * np.asarray(v, dtype=float) / top_size
+
+    if "combined_score" in data.columns:
+        # Enrichr's odds ratio explodes for small sets, so the combined score spans decades: colour on log10.
+        colour, cmap, clabel, norm = np.log10(data["combined_score"].astype(float).clip(lower=1e-3)), "viridis_r", \
+            "log10 combined score", None
+    elif "nes" in data.columns:
+        colour = data["nes"].astype(float).to_numpy()
+        lim = max(float(np.nanmax(np.abs(colour))), 1e-9)
+        cmap, clabel, norm = "RdBu_r", "NES", plt.Normalize(-lim, lim)
+    else:
+        colour, cmap, clabel, norm = np.full(len(data), 0.5), "viridis_r", "", None
+
+    font = 8
+    fig = plt.figure(figsize=(8, 6))
+    ax = fig.add_axes([0.3, 0.3, 0.4, 0.4])
+    points = ax.scatter(x, y, s=_size(neglog), c=colour, cmap=cmap, norm=norm, edgecolors="black", linewidths=0.3)
     ax.set_xticks(range(len(lists)))
-    ax.set_xticklabels(lists, rotation=90, fontsize=8)
-    ax.set_yticks(range(len(terms)))
-    ax.set_yticklabels(terms, fontsize=8)
-    ax.set_xlim(-0.7, len(lists) - 0.3)
-    ax.set_ylim(len(terms) - 0.5, -0.5)
-    ax.set_xlabel("program (+ positive / − negative loadings)")
+    ax.set_xticklabels(col_texts, rotation=90, fontsize=font)
+    ax.set_yticks(range(len(keys)))
+    ax.set_yticklabels(row_texts, fontsize=font, linespacing=0.95)
+    ax.set_xlim(-0.6, len(lists) - 0.4)
+    ax.set_ylim(len(keys) - 0.5, -0.5)
+    ax.grid(True, color="#eeeeee", linewidth=0.5, zorder=0)
+    ax.set_axisbelow(True)
+    ax.set_xlabel("program (+ positive / − negative loadings)" if has_side else "program")
     ax.set_ylabel("gene set")
-    ax.set_title("Top enriched gene sets per program")
-    fig.colorbar(points, ax=ax, fraction=0.03, pad=0.01, label="log10 combined score")
-    for q in (0.05, 1e-3, 1e-6):
-        if data["qvalue"].min() <= q:
-            ax.scatter([], [], s=20 + 180 * -np.log10(q) / max(data["neglog10q"].max(), 1e-9), c="white",
-                       edgecolors="black", label=f"q = {q:g}")
-    ax.legend(title="size: −log10 q", frameon=False, bbox_to_anchor=(1.0, -0.12 - 0.5 / max(len(terms), 1)),
-              loc="upper right", ncol=3)
-    fig.tight_layout()
+    ax.set_title(title, fontsize=10)
+    cax = fig.add_axes([0.8, 0.3, 0.02, 0.3])
+    cbar = fig.colorbar(points, cax=cax)
+    cbar.set_label(clabel, fontsize=font)
+    cbar.ax.tick_params(labelsize=font)
+    qmin = float(data["qvalue"].min())
+    levels = [q for q in (0.05, 1e-3, 1e-6, 1e-10, 1e-20) if q >= qmin][:4] or [qmin]
+    handles = [ax.scatter([], [], s=float(_size(-np.log10(max(q, 1e-300)))), c="white", edgecolors="black",
+                          label=f"q = {q:.2g}") for q in levels]
+    legend = fig.legend(handles=handles, title="size: −log10 q", frameon=False, fontsize=font,
+                        title_fontsize=font, loc="upper left", labelspacing=1.2, borderaxespad=0.0)
+
+    # measure the labels, then size the figure in inches around a grid of fixed cells
+    renderer = fig.canvas.get_renderer()
+    dpi = fig.dpi
+
+    def _extent(artists, attr):
+        sizes = [getattr(a.get_window_extent(renderer), attr) for a in artists if a.get_text()]
+        return max(sizes, default=0.0) / dpi
+
+    ytick_w = _extent(ax.get_yticklabels(), "width")
+    xtick_h = _extent(ax.get_xticklabels(), "height")
+    leg_box = legend.get_window_extent(renderer)
+    leg_w, leg_h = leg_box.width / dpi, leg_box.height / dpi
+    cbar_w = cax.get_tightbbox(renderer).width / dpi
+    title_w = ax.title.get_window_extent(renderer).width / dpi
+
+    col_w = 0.3
+    row_h = 0.34 if any("\n" in t for t in row_texts) else 0.22
+    cbar_min_h = 1.2
+    ax_w = max(len(lists) * col_w, 1.5)
+    ax_h = max(len(keys) * row_h, leg_h + 0.4 + cbar_min_h)
+    left = ytick_w + 0.45
+    bottom = xtick_h + 0.55
+    top_m = 0.45
+    gap = 0.3
+    panel_w = max(leg_w, cbar_w) + 0.2
+    width = left + ax_w + gap + panel_w
+    # keep the title inside the figure when the dot grid is narrow
+    width = max(width, left + ax_w / 2 + title_w / 2 + 0.1)
+    height = bottom + ax_h + top_m
+    fig.set_size_inches(width, height)
+    ax.set_position([left / width, bottom / height, ax_w / width, ax_h / height])
+    panel_x = left + ax_w + gap
+    legend.set_bbox_to_anchor((panel_x / width, (bottom + ax_h) / height), transform=fig.transFigure)
+    cbar_h = min(2.2, ax_h - leg_h - 0.4)
+    cax.set_position([panel_x / width, bottom / height, 0.15 / width, cbar_h / height])
     return fig

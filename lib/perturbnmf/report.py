@@ -6,12 +6,17 @@ A run writes ``reports/<run_name>/``::
     01_preprocess.html ...     one self-contained report per step
     notebooks/*.ipynb          the executed notebooks
     data/                      h5ad, CSV, xlsx and run.json (the contract later steps use)
+
+run_all.py writes a run into a temporary sibling folder ``.<run_name>.running-<pid>`` and puts it
+in place only when every step succeeded; a failed or interrupted run is kept as
+``<run_name>.failed-<timestamp>/`` (with ``ERROR.txt``) and the previous report stays as it was.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +25,8 @@ import pandas as pd
 
 from . import provenance
 
-__all__ = ["STEPS", "RunPaths", "run_paths", "header", "table", "note", "warning", "render_html",
-           "write_workbook", "write_index"]
+__all__ = ["STEPS", "RunPaths", "run_paths", "final_root", "staging_root", "public_path", "header", "table", "note",
+           "warning", "render_html", "write_workbook", "write_index"]
 
 REPO_ROOT = provenance.REPO_ROOT
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -56,7 +61,9 @@ class RunPaths:
             "enrichment": "enrichment.csv", "top_genes": "top_genes.csv", "top_terms": "top_terms.csv",
             "k_sweep": "k_sweep.csv", "summary_xlsx": "summary.xlsx", "run_json": "run.json",
             "recovery_json": "demo_recovery.json", "k_selection_json": "k_selection.json",
-            "calibration_null": "calibration_null.csv",
+            "calibration_null": "calibration_null.csv", "guide_effects": "guide_effects.csv",
+            "split_half": "split_half.csv", "program_labels": "program_labels.csv", "prerank": "prerank.csv",
+            "perturbation_hits": "perturbation_hits.csv", "calibration_json": "calibration.json",
         }
         if name in files:
             return self.data / files[name]
@@ -69,10 +76,48 @@ class RunPaths:
         return self.notebooks / f"{STEPS[step][0]}.ipynb"
 
 
-def run_paths(run_name: str, output_dir: str | None = None, create: bool = True) -> RunPaths:
-    """Folder of a run: ``output_dir`` if given, else ``reports/<run_name>`` under the repository."""
+#: Set by run_all.py while a run is in progress: the run folder (``RUN_DIR_ENV``) whose files
+#: are written to a temporary staging folder (``STAGING_DIR_ENV``) until every step succeeded.
+RUN_DIR_ENV = "PERTURBNMF_RUN_DIR"
+STAGING_DIR_ENV = "PERTURBNMF_STAGING_DIR"
+
+
+def final_root(run_name: str, output_dir: str | None = None) -> Path:
+    """Where the complete report of a run lives: ``output_dir`` if given, else ``reports/<run_name>``."""
     root = Path(output_dir) if output_dir else REPO_ROOT / "reports" / run_name
-    paths = RunPaths(root.resolve())
+    if not root.is_absolute():  # as every path parameter: relative to the repository
+        root = REPO_ROOT / root
+    return root.resolve()
+
+
+def staging_root(root: Path) -> Path | None:
+    """The staging folder that stands in for run folder ``root`` while run_all.py runs, if any."""
+    run_dir, staging = os.environ.get(RUN_DIR_ENV), os.environ.get(STAGING_DIR_ENV)
+    if run_dir and staging and Path(run_dir).resolve() == Path(root).resolve():
+        return Path(staging).resolve()
+    return None
+
+
+def public_path(path: str | Path) -> str:
+    """``path`` as it will be once the run in progress is complete (a staging path mapped to the run folder)."""
+    run_dir, staging = os.environ.get(RUN_DIR_ENV), os.environ.get(STAGING_DIR_ENV)
+    if run_dir and staging:
+        try:
+            return str(Path(run_dir) / Path(path).resolve().relative_to(Path(staging).resolve()))
+        except ValueError:
+            pass
+    return str(path)
+
+
+def run_paths(run_name: str, output_dir: str | None = None, create: bool = True) -> RunPaths:
+    """Folder of a run: ``output_dir`` if given, else ``reports/<run_name>`` under the repository.
+
+    While run_all.py runs, the folder's files go to a temporary staging folder next to it
+    (``.<name>.running-<pid>``), which replaces the run folder only when every step succeeded;
+    the notebooks still name the run folder in their parameters and provenance.
+    """
+    root = final_root(run_name, output_dir)
+    paths = RunPaths(staging_root(root) or root)
     if create:
         paths.data.mkdir(parents=True, exist_ok=True)
     return paths
@@ -167,6 +212,40 @@ def _frame_html(frame: pd.DataFrame) -> str:
     return frame.to_html(index=False, border=0, formatters=formatters, na_rep="–", escape=True)
 
 
+#: columns of the summary's hit table, in order, when present (name in the file -> heading)
+_HIT_COLUMNS = {
+    "perturbation": "perturbation", "program": "program", "label": "program label", "n_cells": "cells",
+    "effect": "effect", "effect_std": "d", "qvalue": "q", "consistency": "guides / batches agree",
+    "qvalue_split": "q, split half",
+}
+
+
+def _top_hits_html(paths: RunPaths, fdr: float, n_hits: int) -> str:
+    """The answer: the strongest perturbation → program hits with their program's label and consistency."""
+    source = paths.perturbation_hits if paths.perturbation_hits.exists() else paths.program_contrasts
+    if not source.exists():
+        return ""
+    table = pd.read_csv(source)
+    hits = table[table["qvalue"] < fdr].sort_values(["qvalue", "perturbation", "program"], kind="stable")
+    top = hits.head(n_hits)
+    columns = [c for c in _HIT_COLUMNS if c in top.columns]
+    labelled = "label" in top.columns
+    text = (f"<h2>Top perturbation → program effects</h2><p class='note'>Each row: cells with this perturbation "
+            "use this program more (effect &gt; 0) or less than non-targeting control cells; effect is the "
+            "difference of mean usage, d the standardised effect (Cohen's d), q the Benjamini–Hochberg q-value over "
+            "all perturbation × program tests"
+            + (", the program label its most enriched gene set (step 4)" if labelled else
+               "; program labels appear once step 4 has run")
+            + ("; guides / batches agree counts the guides and batches whose own effect has the same sign"
+               if "consistency" in top.columns else "")
+            + ("; q, split half is the test on half of the cells with programs learned on the other half"
+               if "qvalue_split" in top.columns else "")
+            + f". The {len(top)} strongest of {len(hits)} hits at q &lt; {fdr}.</p>")
+    if not len(top):
+        return text + "<p>No hits.</p>"
+    return text + _frame_html(top[columns].rename(columns=_HIT_COLUMNS))
+
+
 def write_index(paths: RunPaths, record: dict[str, Any], fdr: float = 0.05, n_hits: int = 15) -> Path:
     """``index.html``: the answer first (top hits), then links, timings, parameters, provenance."""
     parts = [f"<h1>perturbnmf report: {html.escape(record['parameters'].get('run_name', ''))}</h1>"]
@@ -187,33 +266,25 @@ def write_index(paths: RunPaths, record: dict[str, Any], fdr: float = 0.05, n_hi
         hits = contrasts[contrasts["qvalue"] < fdr]
         cards.append((f"perturbation → program hits (q < {fdr})", len(hits)))
         cards.append(("perturbations with a hit", hits["perturbation"].nunique()))
+    if paths.calibration_json.exists():
+        calibration = json.loads(paths.calibration_json.read_text())
+        cards.append(("null calibration: inflation λ (1 = calibrated)", f"{calibration['inflation']:.2f}"))
+        cards.append((f"null hits on control pseudo-perturbations (q < {fdr})", calibration["n_null_hits"]))
     if paths.recovery_json.exists():
         recovery = json.loads(paths.recovery_json.read_text())
         for key, label in (("mean_program_cosine", "planted programs recovered (mean cosine)"),
                            ("sensitivity", "planted effects found"),
-                           ("false_discovery_proportion", "false discovery proportion (pairs)"),
+                           ("implied_false_discovery_proportion", "false discovery proportion (vs implied shifts)"),
+                           ("false_discovery_proportion", "strict false discovery proportion (planted pairs only)"),
                            ("n_null_target_discoveries", "hits on targets with no planted effect")):
             if key in recovery:
                 value = recovery[key]
                 cards.append((label, value if isinstance(value, int) else f"{value:.2f}"))
+    parts.append(_top_hits_html(paths, fdr, n_hits))
     if cards:
         parts.append('<h2>Key results</h2><div class="cards">' + "".join(
             f'<div class="card"><b>{html.escape(str(v))}</b>{html.escape(label)}</div>' for label, v in cards
         ) + "</div>")
-    if paths.program_contrasts.exists():
-        labels = {}
-        if paths.top_terms.exists():
-            terms = pd.read_csv(paths.top_terms)
-            terms = terms[terms["side"] == "positive"].sort_values("pvalue")
-            labels = terms.groupby("program")["term"].first().to_dict()
-        top = hits.reindex(hits["qvalue"].sort_values(kind="stable").index).head(n_hits)
-        top = top.assign(program_top_term=top["program"].map(labels).fillna("–"))
-        columns = ["perturbation", "program", "program_top_term", "n_cells", "effect", "effect_std", "qvalue"]
-        parts.append(f"<h2>Top perturbation → program effects</h2><p class='note'>Each row: cells with this "
-                     f"perturbation use this program more (effect &gt; 0) or less than non-targeting control cells; "
-                     f"effect is the difference of mean usage, effect_std Cohen's d, q the Benjamini–Hochberg "
-                     f"q-value over all perturbation × program tests. The {len(top)} strongest of {len(hits)} hits "
-                     f"at q &lt; {fdr}.</p>" + (_frame_html(top[columns]) if len(top) else "<p>No hits.</p>"))
     links = []
     for step, (stem, title) in STEPS.items():
         status = record.get("steps", {}).get(step, {})
