@@ -15,6 +15,8 @@ import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
+from .resources import check_dense_fits
+
 __all__ = [
     "InputError",
     "read_screen",
@@ -41,6 +43,34 @@ def _log(adata: ad.AnnData) -> dict[str, Any]:
     return adata.uns.setdefault("perturbnmf", {}).setdefault("preprocess", {})
 
 
+#: How to turn other common single-cell formats into an .h5ad (by file suffix).
+_CONVERSIONS = {
+    ".h5": "a 10x .h5 file: adata = sc.read_10x_h5(path), add the obs columns, then adata.write_h5ad('screen.h5ad')",
+    ".mtx": "a Matrix Market file: adata = sc.read_10x_mtx(folder) (or sc.read_mtx), then adata.write_h5ad('screen.h5ad')",
+    ".loom": "a loom file: adata = sc.read_loom(path), then adata.write_h5ad('screen.h5ad')",
+    ".csv": "a table: adata = sc.read_csv(path) (cells as rows), then adata.write_h5ad('screen.h5ad')",
+    ".tsv": "a table: adata = sc.read_text(path) (cells as rows), then adata.write_h5ad('screen.h5ad')",
+    ".txt": "a table: adata = sc.read_text(path) (cells as rows), then adata.write_h5ad('screen.h5ad')",
+    ".rds": "an R object: convert it in R (e.g. zellkonverter::writeH5AD or SeuratDisk::Convert) to .h5ad",
+    ".zarr": "a zarr store: adata = anndata.read_zarr(path), then adata.write_h5ad('screen.h5ad')",
+}
+
+
+def _closest(name: str, options) -> str:
+    """`` Did you mean 'x'?`` for the closest option (case-insensitive), or an empty string."""
+    import difflib
+
+    options = [str(o) for o in options]
+    lowered = {o.lower(): o for o in options}
+    match = difflib.get_close_matches(str(name).lower(), list(lowered), n=1, cutoff=0.6)
+    return f" Did you mean {lowered[match[0]]!r}?" if match else ""
+
+
+def _listing(values, limit: int = 20) -> str:
+    values = [str(v) for v in values]
+    return ", ".join(values[:limit]) + (f" ... ({len(values)} in all)" if len(values) > limit else "")
+
+
 def read_screen(
     path: str | Path,
     perturbation_key: str,
@@ -65,71 +95,200 @@ def read_screen(
     -------
     AnnData
         With the perturbation, batch and guide columns as strings-based categoricals.
+
+    Raises
+    ------
+    InputError
+        Before any computation, for a file that is missing, not an ``.h5ad`` or unreadable;
+        an empty matrix; a missing column; duplicate cell or gene names; unlabelled cells;
+        a control label that is absent; a single group; and counts that are not raw
+        (see :func:`check_counts`). Each message names the file, parameter or column and the fix.
     """
     path = Path(path)
+    where = f"Input file {str(path)!r} (parameter 'input')"
+    if path.is_dir():
+        raise InputError(f"{where} is a folder, not a file; give the path of the .h5ad file itself.")
     if not path.is_file():
-        raise InputError(f"Input file {str(path)!r} (parameter 'input') does not exist.")
-    if path.suffix != ".h5ad":
-        raise InputError(f"Input file {str(path)!r} (parameter 'input') must be an .h5ad file.")
+        raise InputError(f"{where} does not exist; check the path (relative paths are relative to the repository).")
+    if path.suffix.lower() != ".h5ad":
+        how = _CONVERSIONS.get(path.suffix.lower())
+        raise InputError(
+            f"{where} is not an .h5ad file" + (f"; it looks like {how}." if how else
+                                               "; convert it to AnnData and save it with adata.write_h5ad('screen.h5ad').")
+        )
     try:
         adata = ad.read_h5ad(path)
     except Exception as err:  # h5py/anndata raise many types for a damaged file
-        raise InputError(f"Input file {str(path)!r} could not be read as h5ad: {err}") from None
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise InputError(
+            f"{where} could not be read as h5ad ({reason}). Is it complete (an interrupted copy or download) "
+            "and readable? Re-write it with adata.write_h5ad() and try again."
+        ) from None
+    if adata.X is None:
+        layers = list(adata.layers)
+        raise InputError(
+            f"{where} has no X matrix; put the raw UMI counts in X"
+            + (f" (e.g. adata.X = adata.layers[{layers[0]!r}]; layers: {', '.join(layers)})." if layers else ".")
+        )
     if adata.n_obs == 0 or adata.n_vars == 0:
-        raise InputError(f"Input file {str(path)!r} has an empty matrix ({adata.n_obs} cells × {adata.n_vars} genes).")
+        raise InputError(
+            f"{where} has an empty matrix ({adata.n_obs} cells × {adata.n_vars} genes); "
+            "it must hold cells as rows and genes as columns with their raw counts."
+        )
     for key, name in ((perturbation_key, "perturbation_key"), (batch_key, "batch_key"),
                       (guide_key, "guide_key"), (keep_cells_key, "keep_cells_key")):
         if key is not None and key not in adata.obs:
+            optional = "" if name == "perturbation_key" else f", or set '{name}: null' if there is none"
             raise InputError(
-                f"Column {key!r} (parameter {name!r}) is not in the input's obs. "
-                f"Available columns: {', '.join(map(str, adata.obs.columns))}."
+                f"Column {key!r} (parameter {name!r}) is not in the obs of {str(path)!r}.{_closest(key, adata.obs)} "
+                f"Available columns: {_listing(adata.obs.columns) or 'none'}. Set {name!r} to one of them{optional}."
             )
     if adata.obs_names.has_duplicates:
-        raise InputError(f"Input file {str(path)!r} has duplicate cell names; make obs_names unique.")
+        dup = adata.obs_names[adata.obs_names.duplicated()].unique()[:5].tolist()
+        raise InputError(
+            f"{where} has duplicate cell names (e.g. {dup}); make them unique with adata.obs_names_make_unique() "
+            "(cells pooled from several lanes often need a lane prefix)."
+        )
     if adata.var_names.has_duplicates:
         dup = adata.var_names[adata.var_names.duplicated()].unique()[:5].tolist()
         raise InputError(
-            f"Input file {str(path)!r} has duplicate gene names (e.g. {dup}); call adata.var_names_make_unique()."
+            f"{where} has duplicate gene names (e.g. {dup}); call adata.var_names_make_unique() "
+            "or sum the duplicated genes' counts."
         )
-    for key in (perturbation_key, batch_key, guide_key):
+    for key, name in ((perturbation_key, "perturbation_key"), (batch_key, "batch_key"), (guide_key, "guide_key")):
         if key is not None:
-            if adata.obs[key].isna().any():
-                raise InputError(f"Column {key!r} has {int(adata.obs[key].isna().sum())} missing values; label every cell.")
+            missing = int(adata.obs[key].isna().sum())
+            if missing:
+                raise InputError(
+                    f"Column {key!r} (parameter {name!r}) has {missing} missing values; label every cell "
+                    + ("(or remove the unlabelled cells, e.g. with 'keep_cells_key')." if name == "perturbation_key"
+                       else "or set the parameter to null.")
+                )
             adata.obs[key] = adata.obs[key].astype(str).astype("category")
     if keep_cells_key is not None:
         keep = adata.obs[keep_cells_key]
         if keep.dtype != bool:
-            raise InputError(f"Column {keep_cells_key!r} (parameter 'keep_cells_key') must be boolean, got {keep.dtype}.")
+            raise InputError(
+                f"Column {keep_cells_key!r} (parameter 'keep_cells_key') must be boolean (True for the cells to "
+                f"analyse), got {keep.dtype} (values e.g. {_listing(pd.unique(keep)[:5])}); convert it, e.g. "
+                f"adata.obs[{keep_cells_key!r}] = adata.obs[{keep_cells_key!r}] == 'True'."
+            )
+        if not keep.any():
+            raise InputError(
+                f"Column {keep_cells_key!r} (parameter 'keep_cells_key') is False for every cell: no cell is left; "
+                "check the column or set 'keep_cells_key: null'."
+            )
         n_before = adata.n_obs
         adata = adata[keep.to_numpy()].copy()
         _log(adata)["kept_by_" + keep_cells_key] = [int(adata.n_obs), int(n_before)]
-    groups = adata.obs[perturbation_key]
+    groups = adata.obs[perturbation_key].cat.remove_unused_categories()
+    adata.obs[perturbation_key] = groups
     if control_label not in set(groups):
-        shown = ", ".join(map(str, groups.cat.categories[:20]))
         raise InputError(
             f"Control label {control_label!r} (parameter 'control_label') is not a value of column "
-            f"{perturbation_key!r}. Values: {shown}{' ...' if len(groups.cat.categories) > 20 else ''}."
+            f"{perturbation_key!r} (parameter 'perturbation_key').{_closest(control_label, groups.cat.categories)} "
+            f"Values (cells): {_listing(f'{g} ({n})' for g, n in groups.value_counts().items())}. "
+            "Set 'control_label' to the label of the "
+            "non-targeting control cells."
         )
     if groups.nunique() < 2:
-        raise InputError(f"Column {perturbation_key!r} has a single group; a screen needs controls and perturbations.")
-    check_counts(adata)
+        raise InputError(
+            f"Column {perturbation_key!r} (parameter 'perturbation_key') has a single group ({control_label!r}); "
+            "a screen needs control and perturbed cells. Is it the column with each cell's target?"
+        )
+    check_counts(adata, source=str(path))
     return adata
 
 
-def check_counts(adata: ad.AnnData) -> None:
-    """Refuse matrices that are not raw counts: negative, non-integer, non-finite or logged."""
-    values = adata.X.data if sp.issparse(adata.X) else np.asarray(adata.X).ravel()
-    if values.size == 0:
-        raise InputError("The count matrix has no non-zero entries.")
-    if not np.all(np.isfinite(values)):
-        raise InputError("The count matrix contains NaN or infinite values; 'input' must hold raw UMI counts.")
-    if values.min() < 0:
-        raise InputError("The count matrix has negative values; 'input' must hold raw UMI counts, not scaled data.")
-    if not np.all(np.equal(np.mod(values, 1), 0)):
-        hint = (" It looks log-transformed (max %.2g)." % values.max()) if values.max() < 30 else ""
+#: Values are checked in blocks of this many, so the check needs little memory beyond X.
+_BLOCK = 1 << 22
+
+
+def _value_blocks(X):
+    if sp.issparse(X):
+        data = X.data
+        for start in range(0, data.size, _BLOCK):
+            yield data[start:start + _BLOCK]
+        return
+    X = np.asarray(X)
+    rows = max(1, _BLOCK // max(1, X.shape[1]))
+    for start in range(0, X.shape[0], rows):
+        yield np.asarray(X[start:start + rows]).ravel()
+
+
+def _raw_counts_hint(adata: ad.AnnData) -> str:
+    if "counts" in adata.layers:
+        return " layers['counts'] exists: put it in X (adata.X = adata.layers['counts']) and save the file again."
+    if adata.raw is not None:
+        return " adata.raw exists: if it holds the raw counts, use adata = adata.raw.to_adata() and save the file again."
+    return " Put the raw UMI counts in X (scanpy's normalize_total/log1p run inside the pipeline)."
+
+
+def check_counts(adata: ad.AnnData, source: str | None = None) -> None:
+    """Refuse matrices that are not raw counts: negative, non-integer, non-finite, logged or normalised.
+
+    The check runs over ``X`` in blocks (no copy of the whole matrix) and raises
+    :class:`InputError` naming the file (``source``) and the fix: which layer holds the
+    raw counts when one does.
+    """
+    where = f"The count matrix X of {source!r} (parameter 'input')" if source else "The count matrix X"
+    X = adata.X
+    if X is None:
+        raise InputError(f"{where} is missing; put the raw UMI counts in X.")
+    dtype = X.dtype
+    if not (np.issubdtype(dtype, np.number) or dtype == bool):
+        raise InputError(f"{where} has non-numeric type {dtype}; it must hold raw UMI counts.")
+    integer = np.issubdtype(dtype, np.integer) or dtype == bool
+    n_nonzero, minimum, maximum, n_bad, n_fraction, example = 0, 0, 0, 0, 0, None
+    for block in _value_blocks(X):
+        if block.size == 0:
+            continue
+        if not integer:
+            finite = np.isfinite(block)
+            if not finite.all():
+                n_bad += int(block.size - finite.sum())
+                block = block[finite]
+                if block.size == 0:
+                    continue
+            whole = block == np.floor(block)
+            if not whole.all():
+                n_fraction += int(block.size - whole.sum())
+                if example is None:
+                    example = float(block[~whole][0])
+        n_nonzero += int(np.count_nonzero(block))
+        minimum = min(minimum, block.min())
+        maximum = max(maximum, block.max())
+    if n_bad:
         raise InputError(
-            "The count matrix has non-integer values; 'input' must hold raw UMI counts "
-            f"(put them in X, e.g. adata.X = adata.layers['counts']).{hint}"
+            f"{where} contains {n_bad} NaN or infinite values; it must hold raw UMI counts (whole numbers >= 0)."
+            + _raw_counts_hint(adata)
+        )
+    if n_nonzero == 0:
+        raise InputError(f"{where} has no non-zero entries: every count is 0. Is X the right matrix?"
+                         + _raw_counts_hint(adata))
+    if minimum < 0:
+        raise InputError(
+            f"{where} has negative values (minimum {float(minimum):.3g}): it looks scaled or centred "
+            "(e.g. sc.pp.scale), but it must hold raw UMI counts." + _raw_counts_hint(adata)
+        )
+    if n_fraction:
+        looks = ""
+        if "log1p" in adata.uns:
+            looks = " It is already log-transformed (uns['log1p'] is set by scanpy's log1p)."
+        elif maximum < 30:
+            looks = (f" It looks already log-transformed: the largest value is {float(maximum):.3g}, "
+                     "while raw UMI counts are whole numbers that reach the hundreds.")
+        else:
+            totals = np.asarray(adata.X.sum(axis=1)).ravel()
+            totals = totals[totals > 0]
+            if totals.size and np.ptp(totals) <= 1e-3 * totals.mean():
+                looks = (f" It looks already normalised: every cell sums to {float(totals.mean()):.6g} "
+                         "(normalize_total).")
+            else:
+                looks = (f" {n_fraction} values are fractional (e.g. {example:.4g}); if these are "
+                         "ambient-corrected counts, round them to whole numbers first.")
+        raise InputError(
+            f"{where} has non-integer values where raw UMI counts are expected.{looks}" + _raw_counts_hint(adata)
         )
 
 
@@ -143,8 +302,11 @@ def filter_cells_and_genes(
 ) -> ad.AnnData:
     """QC metrics (scanpy's, with the mitochondrial share) and the cell and gene filters.
 
+    Cells are filtered first; genes are then counted on the kept cells, so a gene seen only in
+    dropped cells (all zero, zero variance) is dropped too, and so is a cell left without counts.
     Adds ``obs['total_counts', 'n_genes_by_counts', 'pct_counts_mito']`` and
-    ``var['mito', 'n_cells_by_counts', 'mean_counts']``. Returns a filtered copy.
+    ``var['mito', 'n_cells_by_counts', 'mean_counts']`` (genes' metrics over the kept cells).
+    Returns a filtered copy.
     """
     adata.var["mito"] = adata.var_names.str.upper().str.startswith(mito_prefix.upper())
     sc.pp.calculate_qc_metrics(adata, qc_vars=["mito"], percent_top=None, log1p=False, inplace=True)
@@ -153,37 +315,59 @@ def filter_cells_and_genes(
         & (adata.obs["n_genes_by_counts"] >= min_genes_per_cell)
         & (adata.obs["pct_counts_mito"] <= max_pct_mito)
     ).to_numpy()
-    keep_genes = (adata.var["n_cells_by_counts"] >= max(min_cells_per_gene, 1)).to_numpy()
     log = _log(adata)
-    log.update(
-        n_cells_input=int(adata.n_obs), n_genes_input=int(adata.n_vars),
-        n_mito_genes=int(adata.var["mito"].sum()),
-        n_cells_failed_qc=int((~keep_cells).sum()), n_genes_too_rare=int((~keep_genes).sum()),
-    )
+    log.update(n_cells_input=int(adata.n_obs), n_genes_input=int(adata.n_vars),
+               n_mito_genes=int(adata.var["mito"].sum()), n_cells_failed_qc=int((~keep_cells).sum()))
     if keep_cells.sum() == 0:
         raise InputError(
-            "No cell passes QC (min_counts_per_cell, min_genes_per_cell, max_pct_mito); relax those parameters."
+            f"No cell passes QC (min_counts_per_cell={min_counts_per_cell}, min_genes_per_cell={min_genes_per_cell}, "
+            f"max_pct_mito={max_pct_mito}; median per cell: {adata.obs['total_counts'].median():.0f} UMIs, "
+            f"{adata.obs['n_genes_by_counts'].median():.0f} genes, {adata.obs['pct_counts_mito'].median():.1f}% "
+            "mitochondrial); relax those parameters."
         )
-    out = adata[keep_cells, keep_genes].copy()
+    out = adata[keep_cells].copy()
+    if not keep_cells.all():  # the genes' metrics over the kept cells (the cells' own metrics do not change)
+        sc.pp.calculate_qc_metrics(out, qc_vars=["mito"], percent_top=None, log1p=False, inplace=True)
+    keep_genes = (out.var["n_cells_by_counts"] >= max(min_cells_per_gene, 1)).to_numpy()
+    if not keep_genes.any():
+        raise InputError(
+            f"No gene is detected in >= {max(min_cells_per_gene, 1)} of the {out.n_obs} cells that pass QC "
+            "(parameter 'min_cells_per_gene'); lower it or relax the cell QC filters."
+        )
+    out = out[:, keep_genes].copy()
+    has_counts = np.asarray(out.X.sum(axis=1)).ravel() > 0
+    if not has_counts.all():
+        out = out[has_counts].copy()
+    _log(out).update(n_genes_too_rare=int((~keep_genes).sum()), n_cells_without_counts=int((~has_counts).sum()))
     return out
 
 
 def drop_small_groups(adata: ad.AnnData, perturbation_key: str, control_label: str, min_cells: int) -> ad.AnnData:
-    """Drop perturbation groups with fewer than ``min_cells`` cells, listing them in the log."""
+    """Drop perturbation groups with fewer than ``min_cells`` cells, listing them in the log.
+
+    The dropped groups and their sizes go to ``uns['perturbnmf']['preprocess']['dropped_small_groups']``
+    (the report shows them as a warning). Raises :class:`InputError` when the control group is
+    too small or when fewer than two groups (control and one perturbation) are left.
+    """
     counts = adata.obs[perturbation_key].value_counts()
     if counts.get(control_label, 0) < min_cells:
         raise InputError(
-            f"The control group {control_label!r} has {counts.get(control_label, 0)} cells after QC, fewer than "
-            f"min_cells_per_group={min_cells}; lower 'min_cells_per_group' or relax the QC filters."
+            f"The control group {control_label!r} (parameter 'control_label') has {counts.get(control_label, 0)} "
+            f"cells after QC, fewer than min_cells_per_group={min_cells}; lower 'min_cells_per_group' or relax "
+            "the QC filters."
         )
     small = sorted(counts.index[(counts < min_cells) & (counts > 0)].astype(str))
-    _log(adata)["dropped_small_groups"] = {g: int(counts[g]) for g in small}
+    dropped = {g: int(counts[g]) for g in small}
+    _log(adata)["dropped_small_groups"] = dropped
     if small:
         adata = adata[~adata.obs[perturbation_key].isin(small).to_numpy()].copy()
     adata.obs[perturbation_key] = adata.obs[perturbation_key].cat.remove_unused_categories()
     if adata.obs[perturbation_key].nunique() < 2:
+        listed = ", ".join(f"{g} ({n})" for g, n in list(dropped.items())[:20])
         raise InputError(
-            f"Only the control group has >= {min_cells} cells (parameter 'min_cells_per_group'); nothing to compare."
+            f"Only the control group has >= {min_cells} cells (parameter 'min_cells_per_group'), so nothing is "
+            f"left to compare; the perturbation groups below it (cells) are: {listed or 'none'}. "
+            "Lower 'min_cells_per_group' or relax the QC filters."
         )
     return adata
 
@@ -268,6 +452,9 @@ def score_cell_cycle(adata: ad.AnnData, s_genes: list[str], g2m_genes: list[str]
         _log(adata)["cell_cycle"] = summary
         return summary
     # Scaling centres every gene, so the copy is dense (cells × genes float32) for the time of scoring.
+    check_dense_fits(adata.n_obs, adata.n_vars, adata.X.dtype if sp.issparse(adata.X) else np.float32,
+                     "cell-cycle scoring (a scaled dense copy of the data)", "set cell_cycle_genes: null to skip "
+                     "scoring, or analyse fewer cells or genes (keep_cells_key, QC thresholds)", copies=2)
     dense = adata.X.toarray() if sp.issparse(adata.X) else np.array(adata.X, dtype=np.float32)
     scaled = ad.AnnData(dense, obs=pd.DataFrame(index=adata.obs_names), var=pd.DataFrame(index=adata.var_names))
     sc.pp.scale(scaled, max_value=10)
@@ -277,6 +464,11 @@ def score_cell_cycle(adata: ad.AnnData, s_genes: list[str], g2m_genes: list[str]
     adata.obs["phase"] = adata.obs["phase"].astype("category")
     _log(adata)["cell_cycle"] = summary
     return summary
+
+
+def _column_extreme(X, which: str) -> np.ndarray:
+    value = getattr(X, which)(axis=0)
+    return np.asarray(value.toarray() if sp.issparse(value) else value).ravel()
 
 
 def select_genes(
@@ -291,9 +483,18 @@ def select_genes(
 
     Dispersion-based HVGs (scanpy ``flavor='seurat'``) with the cutoffs, or the ``n_top_genes``
     most dispersed genes, or every gene with ``use_all_genes``. Mitochondrial genes are never
-    selected: their share tracks cell quality, not a program.
+    selected: their share tracks cell quality, not a program; nor are genes with zero
+    variance in ``X`` (the same value in every cell carries no program).
     """
     candidates = ~adata.var["mito"].to_numpy(dtype=bool) if "mito" in adata.var else np.ones(adata.n_vars, bool)
+    constant = _column_extreme(adata.X, "max") == _column_extreme(adata.X, "min")
+    _log(adata)["n_genes_zero_variance"] = int((constant & candidates).sum())
+    candidates &= ~constant
+    if not candidates.any():
+        raise InputError(
+            "Every gene left after QC has zero variance (the same value in every cell) or is mitochondrial "
+            "(parameter 'mito_prefix'): nothing to factorise. Check that X holds each cell's counts."
+        )
     if use_all_genes:
         adata.var["highly_variable"] = candidates
         method = "all genes"
@@ -312,7 +513,8 @@ def select_genes(
     _log(adata).update(gene_selection=method, n_genes_selected=n)
     if n < 2:
         raise InputError(
-            f"Gene selection ({method}) kept {n} genes; lower 'hvg_min_disp'/'hvg_min_mean', "
-            "set 'hvg_n_top_genes', or set 'hvg_use_all_genes: true'."
+            f"Gene selection ({method}) kept {n} genes (of {int(candidates.sum())} non-mitochondrial genes with "
+            "non-zero variance); lower 'hvg_min_disp'/'hvg_min_mean', set 'hvg_n_top_genes', or set "
+            "'hvg_use_all_genes: true'."
         )
     return n

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import os
 import platform
 import subprocess
 import sys
@@ -59,17 +60,40 @@ def sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+#: Environment variables that can change the numbers (threads change summation order).
+ENVIRONMENT_VARIABLES = (
+    "PYTHONHASHSEED", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
+    "MPLBACKEND",
+)
+
+
+def environment() -> dict[str, Any]:
+    """CPU count and the environment variables of :data:`ENVIRONMENT_VARIABLES` that are set."""
+    found: dict[str, Any] = {"cpu_count": os.cpu_count()}
+    found.update({name: os.environ[name] for name in ENVIRONMENT_VARIABLES if name in os.environ})
+    return found
+
+
+def seeds(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The random seeds among ``parameters`` (every parameter whose name contains ``seed``)."""
+    return {name: value for name, value in parameters.items() if "seed" in name}
+
+
 def collect(parameters: dict[str, Any], input_path: str | Path | None = None) -> dict[str, Any]:
-    """Everything needed to rerun: parameters, versions, commit, input checksum, platform."""
+    """Everything needed to rerun: parameters, seeds, versions, commit, input checksum, platform."""
+    from .report import public_path  # report imports this module
+
     record = {
         "parameters": dict(parameters),
+        "seeds": seeds(parameters),
         "git_commit": git_commit(),
         "versions": package_versions(),
         "platform": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
+        "environment": environment(),
         "command": " ".join(sys.argv[:1]),
     }
     if input_path is not None and Path(input_path).is_file():
-        record["input"] = str(input_path)
+        record["input"] = public_path(input_path)
         record["input_sha256"] = sha256(input_path)
     return record
 
