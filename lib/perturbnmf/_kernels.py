@@ -16,6 +16,9 @@ from numba import njit, prange
 
 #: Fixed number of row blocks for ``Wᵀ X`` (independent of the thread count).
 N_BLOCKS = 16
+#: A loading row whose squared norm is at most this share of the largest one is treated as zero
+#: (float64 epsilon: its norm is below 1.5e-8 of the largest, i.e. rounding noise of the H step).
+NEGLIGIBLE_LOADING = np.finfo(np.float64).eps
 
 
 @njit(parallel=True, cache=True)
@@ -64,7 +67,8 @@ def coordinate_descent_rows(W, XHt, HHt, max_sweeps, tol):  # pragma: no cover -
     ``w_ic ← max(0, w_ic − g_c / HHt_cc)`` with the row's gradient ``g = w HHt − XHt_i`` kept
     up to date in O(k) per changed entry (entries held at zero cost nothing), and stops
     early when a sweep changes it by at most ``tol`` times its norm (``tol = 0``: only when
-    nothing changes). A component with ``HHt_cc == 0`` (a zero row of H) is left unchanged.
+    nothing changes). A component with ``HHt_cc <= eps · max(diag(HHt))`` (a zero row of H, or
+    one at rounding level, whose update would divide noise by noise) is left unchanged.
     HALS runs a few sweeps per pass over X; ``transform`` runs to tolerance.
 
     Returns
@@ -74,6 +78,10 @@ def coordinate_descent_rows(W, XHt, HHt, max_sweeps, tol):  # pragma: no cover -
     """
     n, k = W.shape
     used = np.zeros(n, dtype=np.int64)
+    d_max = 0.0
+    for c in range(k):
+        d_max = max(d_max, HHt[c, c])
+    d_min = d_max * NEGLIGIBLE_LOADING
     for i in prange(n):
         g = np.empty(k)
         for c in range(k):
@@ -85,7 +93,7 @@ def coordinate_descent_rows(W, XHt, HHt, max_sweeps, tol):  # pragma: no cover -
             change = 0.0
             for c in range(k):
                 d = HHt[c, c]
-                if d <= 0.0:
+                if d <= d_min:
                     continue
                 new = W[i, c] - g[c] / d
                 if new < 0.0:

@@ -54,6 +54,7 @@ from numbers import Integral, Real
 
 import numpy as np
 import scipy.linalg
+import scipy.optimize
 import scipy.sparse as sp
 from sklearn.base import (
     BaseEstimator,
@@ -116,7 +117,13 @@ def _safe_X_Ht(X, H):
     if sp.issparse(X):
         X = X.tocsr()
         return _kernels.csr_times_dense_t(X.indptr, X.indices, X.data, np.ascontiguousarray(H.T, dtype=np.float64))
-    return np.asarray(X @ np.ascontiguousarray(H.T, dtype=X.dtype), dtype=np.float64)
+    return np.asarray(X @ np.ascontiguousarray(H.T, dtype=_product_dtype(X)), dtype=np.float64)
+
+
+def _product_dtype(X):
+    """dtype of the factor multiplied with a dense X: X's own when float32/float64 (no copy of X),
+    else float64 (an integer X must not truncate the factor)."""
+    return X.dtype if X.dtype in (np.float32, np.float64) else np.dtype(np.float64)
 
 
 def _safe_Wt_X(X, W):
@@ -136,7 +143,7 @@ def _safe_Wt_X(X, W):
         return _kernels.csr_t_times_dense(X.indptr, X.indices, X.data, np.ascontiguousarray(W, dtype=np.float64),
                                           X.shape[1])
     # A C-contiguous Wᵀ lets BLAS stream X once (the transposed view is ~5x slower).
-    return np.asarray(np.ascontiguousarray(W.T, dtype=X.dtype) @ X, dtype=np.float64)
+    return np.asarray(np.ascontiguousarray(W.T, dtype=_product_dtype(X)) @ X, dtype=np.float64)
 
 
 def _squared_norm(X):
@@ -180,10 +187,22 @@ def _update_h_least_squares(X, W, *, WtX=None):
     -------
     H : ndarray of shape (k, n_features)
         Least-squares loadings (finite even when ``W`` is rank deficient).
+
+    Notes
+    -----
+    A dense float32 ``X`` gives ``W^T X`` with float32 rounding, which the Gram system
+    amplifies by ``cond(W)`` in the fit ``W H`` (an objective that rises by orders of
+    magnitude when usage columns are nearly collinear). When ``cond(W)`` exceeds
+    ``1e-4 / eps(float32)`` the loadings come from the SVD ``W = U S V^T`` instead,
+    ``H = V S^-1 U^T X`` with ``U^T X`` accumulated in float64 (:func:`_update_h_svd`).
     """
+    gram = W.T @ W
+    if not sp.issparse(X) and X.dtype == np.float32 and W.shape[1] > 0:
+        s = np.linalg.eigvalsh(gram)
+        if s[0] <= s[-1] * (np.finfo(np.float32).eps / 1e-4) ** 2:
+            return _update_h_svd(X, W)
     if WtX is None:
         WtX = _safe_Wt_X(X, W)
-    gram = W.T @ W
     with warnings.catch_warnings():
         warnings.simplefilter("error", scipy.linalg.LinAlgWarning)
         try:  # Cholesky: ~50x faster than an SVD-based solve for k x k with many right-hand sides
@@ -192,6 +211,23 @@ def _update_h_least_squares(X, W, *, WtX=None):
             pass  # singular or ill-conditioned Gram (e.g. a dead component): minimum-norm solution
     H, _, _, _ = scipy.linalg.lstsq(gram, WtX, check_finite=False, lapack_driver="gelsd")
     return np.ascontiguousarray(H)
+
+
+def _update_h_svd(X, W, *, block_elements=2**22):
+    """Minimum-norm least-squares ``H`` from the SVD of ``W`` (see :func:`_update_h_least_squares`).
+
+    ``U^T X`` is formed in float64 from row blocks of the dense float32 X (no float64 copy of
+    X as a whole): divided by the small singular values, float32 rounding would give loadings
+    of huge, cancelling rows, and X H^T in float32 then loses the fit.
+    """
+    U, s, Vt = np.linalg.svd(W, full_matrices=False)
+    keep = s > s.max(initial=0.0) * max(W.shape) * np.finfo(np.float64).eps
+    U = U[:, keep]
+    UtX = np.zeros((U.shape[1], X.shape[1]))
+    step = max(1, block_elements // max(X.shape[1], 1))
+    for start in range(0, X.shape[0], step):
+        UtX += U[start:start + step].T @ np.asarray(X[start:start + step], dtype=np.float64)
+    return np.ascontiguousarray(Vt[keep].T @ (UtX / s[keep, None]))
 
 
 def _update_w_multiplicative(X, W, H, *, XHt=None, HHt=None, eps=None):
@@ -237,7 +273,10 @@ def _update_w_multiplicative(X, W, H, *, XHt=None, HHt=None, eps=None):
 def _objective(X, W, H, *, norm_X_sq=None, XHt=None, HHt=None):
     """Objective ``0.5 * ||X - W H||_F ** 2`` without forming ``X - W H``.
 
-    Uses ``||X||^2 - 2 sum(W * XH^T) + sum((W^T W) * (H H^T))``, clipped at 0.
+    Uses ``||X||^2 - 2 sum(W * XH^T) + sum((W^T W) * (H H^T))``, clipped at 0. The terms
+    cancel: where their rounding (float32 for a dense float32 X's ``X H^T``) could exceed
+    ``1e-5 ||X||^2`` -- huge, cancelling loadings of nearly collinear usage columns -- the
+    residual is formed exactly instead (:func:`_residual_norm`, row blocks).
 
     Parameters
     ----------
@@ -262,9 +301,18 @@ def _objective(X, W, H, *, norm_X_sq=None, XHt=None, HHt=None):
         XHt = _safe_X_Ht(X, H)
     if HHt is None:
         HHt = H @ H.T
-    cross = float(np.sum(W * XHt))
-    quad = float(np.sum((W.T @ W) * HHt))
-    return 0.5 * max(norm_X_sq - 2.0 * cross + quad, 0.0)
+    cross_terms = W * XHt
+    quad_terms = (W.T @ W) * HHt
+    value = 0.5 * max(norm_X_sq - 2.0 * float(np.sum(cross_terms)) + float(np.sum(quad_terms)), 0.0)
+    eps = np.finfo(np.float32 if not sp.issparse(X) and X.dtype == np.float32 else np.float64).eps
+    size = norm_X_sq + 2.0 * float(np.abs(cross_terms).sum()) + float(np.abs(quad_terms).sum())
+    if eps * size > _OBJECTIVE_RTOL * norm_X_sq:
+        return 0.5 * _residual_norm(X, W, H) ** 2
+    return value
+
+
+#: Largest rounding (relative to ``||X||^2``) accepted from the Gram form of the objective.
+_OBJECTIVE_RTOL = 1e-5
 
 
 def _residual_norm(X, W, H, *, block_elements=2**22):
@@ -454,8 +502,12 @@ def _hals_inner_sweeps(X, k):
     (Gillis & Glineur 2012); measured on 2,000 genes with 400 non-zeros per cell (ρ ≈ 27)
     3 sweeps reach a given objective fastest, on 299 genes with 66 per cell at k = 45
     (ρ ≈ 3) one sweep does. So: ``clip(floor(ρ / 3), 1, 3)``.
+
+    The non-zero values are counted whatever X's format (stored zeros of a sparse X and zeros
+    of a dense X alike are not counted), so a dense and a sparse X with the same values take
+    the same steps and give the same factors.
     """
-    per_row = X.nnz / max(X.shape[0], 1) if sp.issparse(X) else X.shape[1]
+    per_row = np.count_nonzero(X.data if sp.issparse(X) else X) / max(X.shape[0], 1)
     return int(np.clip((2.0 * per_row / k) // 3, 1, _HALS_INNER_SWEEPS))
 
 
@@ -610,6 +662,8 @@ def _nnls_rows_cd(B, Q, *, max_sweeps=_TRANSFORM_MAX_SWEEPS, tol=_TRANSFORM_TOL)
     Minimises ``0.5 * w Q w^T - w b^T`` over ``w >= 0`` for every row (which
     equals ``0.5 * ||x - w H||^2`` up to a constant when ``Q = H H^T`` and
     ``b = x H^T``); rows run in parallel in a compiled kernel, each until it is stable.
+    A program with ``Q_cc <= eps max(diag Q)`` (zero loadings, or loadings at rounding
+    level) gets usage 0.
 
     Parameters
     ----------
@@ -628,15 +682,90 @@ def _nnls_rows_cd(B, Q, *, max_sweeps=_TRANSFORM_MAX_SWEEPS, tol=_TRANSFORM_TOL)
     n_sweeps : int
         The most sweeps any row needed.
     converged : bool
-        Every row stopped by ``tol``.
+        Every row meets the optimality (KKT) conditions, those that coordinate descent left
+        short of them solved exactly (:func:`_nnls_rows_exact`).
     """
     # Warm start: unconstrained least squares, clipped at zero.
     Z, _, _, _ = scipy.linalg.lstsq(Q, B.T, check_finite=False, lapack_driver="gelsd")
     W = np.ascontiguousarray(np.maximum(Z.T, 0.0))
-    W[:, np.diag(Q) <= 0] = 0.0
-    n_sweeps = int(_kernels.coordinate_descent_rows(W, np.ascontiguousarray(B, dtype=np.float64),
-                                                    np.ascontiguousarray(Q, dtype=np.float64), max_sweeps, tol))
-    return W, n_sweeps, n_sweeps < max_sweeps
+    B = np.ascontiguousarray(B, dtype=np.float64)
+    Q = np.ascontiguousarray(Q, dtype=np.float64)
+    # Programs whose loadings are zero or at rounding level (see _kernels.NEGLIGIBLE_LOADING)
+    # get no usage: any other value would be noise divided by noise.
+    diag = np.diag(Q)
+    active = np.flatnonzero(diag > diag.max(initial=0.0) * _kernels.NEGLIGIBLE_LOADING)
+    W[:, np.setdiff1d(np.arange(Q.shape[0]), active)] = 0.0
+    n_sweeps = int(_kernels.coordinate_descent_rows(W, B, Q, max_sweeps, tol))
+    if active.size == 0:
+        return W, n_sweeps, True
+    # Coordinate descent crawls when Q is (nearly) singular, e.g. more programs than the rank
+    # of the data, and its step test can stop it early there: solve the rows it left short of
+    # the KKT conditions exactly (none in well-conditioned problems; the check costs n k^2).
+    if active.size == Q.shape[0]:
+        return W, n_sweeps, _nnls_rows_exact(W, B, Q, _kkt_violators(W, B, Q))
+    W_a, B_a, Q_a = np.ascontiguousarray(W[:, active]), B[:, active], Q[np.ix_(active, active)]
+    converged = _nnls_rows_exact(W_a, B_a, Q_a, _kkt_violators(W_a, B_a, Q_a))
+    W[:, active] = W_a
+    return W, n_sweeps, converged
+
+
+#: Relative tolerance of the KKT conditions checked by :func:`_kkt_violators`.
+_KKT_RTOL = 1e-9
+
+
+def _kkt_violators(W, B, Q, rtol=_KKT_RTOL):
+    """Rows of ``W`` that miss the KKT conditions of ``min_{w >= 0} 0.5 w Q w^T - w b^T``.
+
+    The gradient ``g = w Q - b`` must be ``>= 0`` everywhere and ``0`` where ``w > 0``, up to
+    ``rtol`` times the row's scale ``max|b| + max|w| max|Q|``. Returns their indices.
+    """
+    G = W @ Q - B
+    violation = np.where(W > 0, np.abs(G), np.maximum(-G, 0.0)).max(axis=1, initial=0.0)
+    scale = np.abs(B).max(axis=1, initial=0.0) + np.abs(W).max(axis=1, initial=0.0) * np.abs(Q).max(initial=0.0)
+    return np.flatnonzero(violation > rtol * scale)
+
+
+def _nnls_rows_exact(W, B, Q, rows):
+    """Solve the given rows of the Gram-form NNLS exactly (active set), in place.
+
+    With ``Q = V diag(s) V^T`` (its range), ``A = diag(sqrt(s)) V^T`` and ``y = b V / sqrt(s)``,
+    ``||y - A w^T||^2 = w Q w^T - 2 w b^T + const`` for every ``b`` in the range of ``Q`` (so for
+    ``b = x H^T``, ``Q = H H^T``), which :func:`scipy.optimize.nnls` solves exactly. A row keeps
+    its coordinate-descent value unless the exact one meets the KKT conditions or has a lower
+    objective.
+
+    Returns
+    -------
+    bool
+        The rows now meet the KKT conditions (for ``b``'s part in the range of ``Q``).
+    """
+    if rows.size == 0:
+        return True
+    s, V = np.linalg.eigh(Q)
+    keep = s > max(float(s.max(initial=0.0)), 0.0) * Q.shape[0] * np.finfo(np.float64).eps
+    if not keep.any():  # Q = 0: every w is optimal
+        return True
+    A = np.sqrt(s[keep])[:, None] * V[:, keep].T
+    Y = (B[rows] @ V[:, keep]) / np.sqrt(s[keep])
+    # KKT judged on b's part in the range of Q: no w can match the rest (e.g. the rounding of
+    # a float32 X H^T), which would otherwise leave a gradient along Q's null space
+    B_range = (B[rows] @ V[:, keep]) @ V[:, keep].T
+
+    def objective(w, b):
+        return 0.5 * w @ Q @ w - w @ b
+
+    for i, (row, y) in enumerate(zip(rows, Y)):
+        try:
+            w, _ = scipy.optimize.nnls(A, y, maxiter=50 * Q.shape[0])
+        except RuntimeError:  # iteration limit (older scipy raise): keep coordinate descent's value
+            continue
+        w = np.maximum(w, 0.0)
+        if not np.all(np.isfinite(w)):
+            continue
+        optimal = _kkt_violators(w[None], B_range[i : i + 1], Q).size == 0
+        if optimal or objective(w, B[row]) <= objective(W[row], B[row]):
+            W[row] = w
+    return _kkt_violators(W[rows], B_range, Q).size == 0
 
 
 # --------------------------------------------------------------------------
@@ -678,7 +807,9 @@ class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         Precision in which X is read: ``"auto"`` reads a sparse X as float32 for
         ``"hals"`` (half the memory traffic; products and objective accumulate in
         float64) and float64 for ``"mu"`` (as the original analysis), converting
-        only its values (never densified), and uses a dense float X as it is.
+        only its values (never densified), and uses a dense float X as it is
+        (other dense X, e.g. integers, is converted to the solver's dtype, as a
+        sparse X).
     random_state : int, numpy.random.Generator, RandomState or None, default=None
         Seed of the initialisation and of re-seeded components.
     verbose : int, default=0
@@ -780,12 +911,15 @@ class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             raise ValueError(
                 "X must be real-valued: Complex data not supported by SemiNMF."
             )
+        dtype = self._fit_dtype()
         try:
             X = validate_data(
                 self,
                 X,
                 accept_sparse=("csr", "csc"),
-                dtype=(np.float32, np.float64),
+                # float data keeps its precision; integers etc. go straight to the fitting dtype
+                # (not through float32, which rounds integers above 2**24)
+                dtype=(np.float32, np.float64) if kinds == {"f"} else dtype,
                 ensure_all_finite=False,
                 reset=reset,
             )
@@ -793,7 +927,6 @@ class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             if kinds <= set("biuf"):
                 raise
             raise type(exc)(f"X must contain only numeric values: {exc}") from exc
-        dtype = self._fit_dtype()
         if sp.issparse(X):
             X = X.tocsr()
             if not X.has_canonical_format:
@@ -944,7 +1077,11 @@ class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
         Solves ``min_{W >= 0} ||X - W H||_F`` with ``H = components_`` fixed
         (a non-negative least-squares problem per row) by exact cyclic
-        coordinate descent, vectorised over rows.  Sparse ``X`` is not
+        coordinate descent, vectorised over rows; rows it leaves short of the
+        optimality (KKT) conditions, as happens when the programs are nearly
+        collinear, are then solved exactly by an active-set method.  A program
+        whose loadings are zero, or at rounding level (squared norm at most
+        float64 eps times the largest), gets usage 0.  Sparse ``X`` is not
         densified.
 
         Parameters

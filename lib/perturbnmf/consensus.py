@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import silhouette_score
 
 from ._seminmf import SemiNMF, _nnls_rows_cd, _objective, _safe_X_Ht, _squared_norm
@@ -77,8 +78,43 @@ class ConsensusSweep:
     holdout_cells: np.ndarray = field(repr=False)
 
 
+def _check_factors(X, H, W=None):
+    """X as a 2-D array or sparse matrix, H (and W) as finite float arrays of matching shapes.
+
+    Raises a ValueError naming the mismatch: the compiled kernels do not check bounds.
+    """
+    if not sp.issparse(X):
+        X = np.asarray(X)
+    if X.dtype.kind not in "biuf":
+        raise ValueError(f"X must be a numeric (n_cells, n_genes) matrix, got dtype {X.dtype}")
+    if X.dtype not in (np.float32, np.float64):  # integers and booleans: float64 products
+        X = X.astype(np.float64)
+    if sp.issparse(X):
+        X = X.tocsr()
+        if not X.has_canonical_format:  # duplicate entries would count twice in ||X||
+            X = X.copy()
+            X.sum_duplicates()
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-D (n_cells, n_genes), got shape {X.shape}")
+    H = np.asarray(H, dtype=np.float64)
+    if H.ndim != 2 or H.shape[1] != X.shape[1] or H.shape[0] == 0:
+        raise ValueError(f"H must have shape (k >= 1, n_genes = {X.shape[1]}) to match X {X.shape}; got {H.shape}")
+    if not np.all(np.isfinite(H)):
+        raise ValueError("H contains NaN or infinite values")
+    if W is not None:
+        W = np.asarray(W, dtype=np.float64)
+        if W.shape != (X.shape[0], H.shape[0]):
+            raise ValueError(f"W must have shape (n_cells, k) = {(X.shape[0], H.shape[0])}; got {W.shape}")
+        if not np.all(np.isfinite(W)):
+            raise ValueError("W contains NaN or infinite values")
+    return X, H, W
+
+
 def refit_usage(X, H) -> np.ndarray:
     """Non-negative usage of every cell for fixed programs: ``argmin_{W ≥ 0} ‖X − W H‖``.
+
+    As :meth:`SemiNMF.transform <perturbnmf.SemiNMF.transform>`: exact (KKT) solutions, and usage
+    0 for a program whose loadings are zero or at rounding level.
 
     Parameters
     ----------
@@ -88,7 +124,13 @@ def refit_usage(X, H) -> np.ndarray:
     Returns
     -------
     W : ndarray of shape (n_cells, k)
+
+    Raises
+    ------
+    ValueError
+        Shapes that do not match, or non-finite H.
     """
+    X, H, _ = _check_factors(X, H)
     W, _, _ = _nnls_rows_cd(_safe_X_Ht(X, H), H @ H.T)
     return W
 
@@ -102,6 +144,7 @@ def relative_error(X, W, H) -> float:
     W : ndarray of shape (n_cells, k)
     H : ndarray of shape (k, n_genes)
     """
+    X, H, W = _check_factors(X, H, W)
     norm_sq = _squared_norm(X)
     if norm_sq == 0:
         return float("nan")
@@ -122,6 +165,7 @@ def holdout_error(X_holdout, H, gene_halves) -> float:
     H : ndarray of shape (k, n_genes)
     gene_halves : tuple of two index arrays partitioning the genes
     """
+    X_holdout, H, _ = _check_factors(X_holdout, H)
     residual_sq = norm_sq = 0.0
     for fit_genes, test_genes in (gene_halves, gene_halves[::-1]):
         W = refit_usage(X_holdout[:, fit_genes], H[:, fit_genes])
@@ -168,7 +212,7 @@ def _consensus_for_k(X_train, X_holdout, gene_halves, fits, k, n_restarts, solve
             "k": k,
             "relative_error": relative_error(X_train, W_train, H),
             "holdout_relative_error": holdout_error(X_holdout, H, gene_halves) if X_holdout is not None else np.nan,
-            "best_restart_relative_error": float(np.sqrt(2 * best["objective"] / _squared_norm(X_train))),
+            "best_restart_relative_error": _relative(best["objective"], _squared_norm(X_train)),
             "stability": stability,
             "n_restarts": n_restarts,
             "median_n_iter": float(np.median([res["n_iter"] for res in fits])),
@@ -178,15 +222,33 @@ def _consensus_for_k(X_train, X_holdout, gene_halves, fits, k, n_restarts, solve
     return row, H, (H_all, labels), best["trace"]
 
 
+def _relative(objective: float, norm_sq: float) -> float:
+    """sqrt(2 f / ||X||²), the relative error of objective f (NaN for an all-zero X)."""
+    return float(np.sqrt(2.0 * objective / norm_sq)) if norm_sq > 0 else float("nan")
+
+
 def _cluster(H_all: np.ndarray, k: int, n_restarts: int, seed: int):
-    """Group the restarts' programs into k consensus programs; return (H, labels, silhouette)."""
+    """Group the restarts' programs into k consensus programs; return (H, labels, silhouette).
+
+    Degenerate restarts (fewer distinct programs than k, e.g. all-zero programs of an all-zero
+    or low-rank X) leave groups empty: their consensus program is zero and the stability NaN
+    wherever the silhouette (or, for k = 1, the cosine with the median) is undefined.
+    """
     if k == 1:
         labels = np.zeros(len(H_all), dtype=int)
-        stability = float(np.mean(H_all @ np.median(H_all, axis=0)) / np.linalg.norm(np.median(H_all, axis=0)))
+        median_norm = np.linalg.norm(np.median(H_all, axis=0))
+        stability = (float(np.mean(H_all @ np.median(H_all, axis=0)) / median_norm) if median_norm > 0
+                     else float("nan"))
     else:
-        labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(H_all)
-        stability = float(silhouette_score(H_all, labels, metric="cosine")) if n_restarts > 1 else float("nan")
-    H = np.vstack([np.median(H_all[labels == c], axis=0) for c in range(k)])
+        with warnings.catch_warnings():
+            # fewer distinct programs than k: KMeans warns and leaves clusters empty (handled below)
+            warnings.filterwarnings("ignore", message="Number of distinct clusters", category=ConvergenceWarning)
+            labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(H_all)
+        n_labels = len(np.unique(labels))
+        valid = n_restarts > 1 and 2 <= n_labels <= len(H_all) - 1  # silhouette's domain
+        stability = float(silhouette_score(H_all, labels, metric="cosine")) if valid else float("nan")
+    H = np.vstack([np.median(H_all[labels == c], axis=0) if np.any(labels == c) else np.zeros(H_all.shape[1])
+                   for c in range(k)])
     norms = np.linalg.norm(H, axis=1, keepdims=True)
     return H / np.where(norms > 0, norms, 1.0), labels, stability
 
@@ -221,6 +283,8 @@ def suggest_k(table: pd.DataFrame, tolerance: float = ERROR_TOLERANCE) -> tuple[
     error = "holdout_relative_error" if table["holdout_relative_error"].notna().all() else "relative_error"
     best_error = table[error].min()
     within = table[table[error] <= best_error * (1 + tolerance)]
+    if within.empty:  # no error defined (all-zero cells): nothing favours a larger k
+        within = table
     k = int(within["k"].min())
     where = "held-out cells (programs learned without them)" if error.startswith("holdout") else "all cells"
     rule = (f"Suggested k = {k}: the smallest k whose consensus model's relative error on {where} is within "
@@ -287,6 +351,13 @@ def consensus_sweep(
     Returns
     -------
     ConsensusSweep
+
+    Raises
+    ------
+    ValueError
+        ``n_restarts < 1``, ``holdout_fraction`` outside [0, 0.5], a k that is not
+        ``1 <= k < min(n_training_cells, n_genes)``, or an X that is all zeros on the training
+        cells.
     """
     k_values = sorted(int(k) for k in k_values)
     if n_restarts < 1:
@@ -305,6 +376,11 @@ def consensus_sweep(
     X_holdout = X[holdout] if n_holdout else None
     gene_halves = np.array_split(rng.permutation(X.shape[1]), 2)
     probe._check_n_components(X_train)
+    if _squared_norm(X_train) == 0:
+        raise ValueError(
+            f"X is all zeros on the {X_train.shape[0]} training cells: there are no programs to find. "
+            "Check the input layer (normalised expression of the selected genes)."
+        )
 
     seeds = [int(s.generate_state(1)[0])
              for s in np.random.SeedSequence(random_state).spawn(len(k_values) * n_restarts + 1)[1:]]

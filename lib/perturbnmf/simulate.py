@@ -581,7 +581,7 @@ def write_gmt(path, gene_sets: Mapping[str, Sequence[str]], description: str = "
         if any(not g or any(c in g for c in "\t\r\n") for g in genes):
             raise ValueError(f"gene_sets[{name!r}] contains an empty gene or one with tabs/newlines")
         lines.append("\t".join([name, description, *genes]))
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
