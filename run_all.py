@@ -638,9 +638,10 @@ def _run(args, argv, values, declared, folder, steps, reused, later, saved):
         failure = StepFailure("", f"run_all.py stopped: {type(err).__name__}: {err}", traceback.format_exc())
 
     record["status"] = failure.status if failure else "complete"
-    record.update(provenance.collect(values, resolve(values["input"])))
+    files = input_files(values)
+    record.update(provenance.collect(values, resolve(values["input"]), input_sha256=files["input"][0]["sha256"]))
     record.update(
-        command=[Path(sys.argv[0]).name, *argv], started=started, finished=_now(), input_files=input_files(values),
+        command=[Path(sys.argv[0]).name, *argv], started=started, finished=_now(), input_files=files,
         rerun=f"python run_all.py {folder.root / 'data' / 'params.yaml'}",
     )
     if reused:

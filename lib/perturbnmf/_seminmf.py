@@ -48,6 +48,7 @@ block coordinate descent) can be added as another entry of ``_SOLVERS``.
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from numbers import Integral, Real
@@ -511,7 +512,7 @@ def _hals_inner_sweeps(X, k):
     return int(np.clip((2.0 * per_row / k) // 3, 1, _HALS_INNER_SWEEPS))
 
 
-def _hals_iteration(X, W, H, XHt, HHt, rng):
+def _hals_iteration(X, W, H, XHt, HHt, rng, *, n_sweeps=1):
     """One block-coordinate-descent iteration: HALS sweeps on W, then exact least-squares H.
 
     The W block is solved by exact coordinate descent (each entry's non-negative
@@ -532,6 +533,9 @@ def _hals_iteration(X, W, H, XHt, HHt, rng):
     HHt : ndarray of shape (k, k)
     rng : numpy.random.Generator
         Source of the re-seeded usage.
+    n_sweeps : int
+        W sweeps per pass over X; :func:`_fit_loop` sets it once per fit from
+        :func:`_hals_inner_sweeps` (it depends only on X and k).
 
     Returns
     -------
@@ -542,7 +546,7 @@ def _hals_iteration(X, W, H, XHt, HHt, rng):
     """
     W = np.array(W, dtype=np.float64, order="C", copy=True)
     _kernels.coordinate_descent_rows(W, np.ascontiguousarray(XHt), np.ascontiguousarray(HHt),
-                                     _hals_inner_sweeps(X, W.shape[1]), 0.0)
+                                     n_sweeps, 0.0)
     dead = _dead_components(W)
     if dead.size:
         scale = float(W.mean()) if W.any() else 1.0
@@ -620,6 +624,8 @@ def _fit_loop(X, W, H, *, solver, max_iter, tol, rng, verbose=0):
         Dead components re-seeded during the fit.
     """
     step = _SOLVERS[solver]
+    if solver == "hals":  # counting X's non-zeros is a pass over X: once per fit, not per iteration
+        step = functools.partial(step, n_sweeps=_hals_inner_sweeps(X, W.shape[1]))
     norm_X_sq = _squared_norm(X)
     XHt = _safe_X_Ht(X, H)
     HHt = H @ H.T

@@ -22,11 +22,12 @@ from .preprocess import InputError
 from .provenance import REPO_ROOT
 
 __all__ = [
-    "resolve", "write_simulated_inputs", "check_gene_sets", "library_name", "load_libraries", "write_h5ad", "read_h5ad",
-    "show_input", "show_simulation_truth", "show_qc", "show_cell_cycle", "show_k_selection", "show_factorization",
-    "show_program_recovery", "show_effect_recovery", "show_calibration", "show_top_genes", "show_enrichment",
-    "write_summary_workbook", "contrast_method", "show_hits", "show_guide_consistency",
-    "show_split_half_programs", "show_program_labels", "run_prerank", "show_prerank", "labelled_hits", "top_hit_programs", "split_half_comparison", "show_split_half",
+    "resolve", "write_simulated_inputs", "library_name", "load_libraries", "check_gene_sets", "write_h5ad",
+    "read_h5ad", "show_input", "show_simulation_truth", "show_qc", "show_cell_cycle", "show_k_selection",
+    "show_factorization", "show_program_recovery", "show_split_half_programs", "contrast_method", "show_hits",
+    "show_guide_consistency", "split_half_comparison", "show_split_half", "show_calibration", "show_effect_recovery",
+    "show_top_genes", "show_enrichment", "show_program_labels", "run_prerank", "show_prerank", "labelled_hits",
+    "top_hit_programs", "write_summary_workbook",
 ]
 
 
@@ -326,10 +327,8 @@ def show_effect_recovery(adata, contrasts: pd.DataFrame, groups: pd.Series, cont
 
 def show_calibration(null: pd.DataFrame, contrasts: pd.DataFrame, fdr: float, paths) -> dict[str, Any]:
     """The contrast test on control-only pseudo-perturbations: summary, QQ plot, null table on disk."""
-    from .stats import calibration_summary
-
     null.to_csv(paths.calibration_null, index=False)
-    summary = calibration_summary(null["pvalue"], fdr=fdr)
+    summary = stats.calibration_summary(null["pvalue"], fdr=fdr)
     paths.calibration_json.write_text(json.dumps(summary, indent=2))
     split = null["null_split"].iloc[0]
     rows = [
@@ -405,9 +404,10 @@ def show_guide_consistency(hits: pd.DataFrame, guide_table: pd.DataFrame, n_show
     plt.show()
 
 
-def show_split_half_programs(adata, match: pd.DataFrame, min_cosine: float = 0.8) -> None:
+def show_split_half_programs(adata, match: pd.DataFrame) -> None:
     """How closely the programs learned on half of the cells resemble the kept ones."""
     info = adata.uns["snmf"]["split_half"]
+    min_cosine = factorize.REPRODUCED_COSINE
     reproduced = int((match["cosine"] >= min_cosine).sum())
     wide = pd.DataFrame([match["cosine"].to_numpy(dtype=float)], columns=match["program"].tolist())
     wide.insert(0, "", "cosine with the learn-half twin")
@@ -419,13 +419,14 @@ def show_split_half_programs(adata, match: pd.DataFrame, min_cosine: float = 0.8
                  "step 3 tests on them.", max_rows=5)
 
 
-def split_half_comparison(adata, groups: pd.Series, control_label: str, batch: pd.Series | None, method: str,
-                          min_cosine: float = 0.8) -> pd.DataFrame:
+def split_half_comparison(adata, groups: pd.Series, control_label: str, batch: pd.Series | None,
+                          method: str) -> pd.DataFrame:
     """Test-half effects with the kept programs (they saw these cells) and with the learn-half programs.
 
     The step's contrast test (``method``) runs on the test-half cells twice. Returns one row per
     perturbation × program: ``effect``, ``effect_std`` and ``qvalue`` for both (suffixes
-    ``_seen`` and ``_unseen``), and ``cosine`` of the program with its learn-half twin.
+    ``_seen`` and ``_unseen``), ``cosine`` of the program with its learn-half twin and
+    ``program_reproduced`` (cosine ≥ :data:`perturbnmf.factorize.REPRODUCED_COSINE`).
     """
     def contrast_test(part: pd.DataFrame) -> pd.DataFrame:
         return stats.program_contrasts(part, groups[part.index], control_label,
@@ -438,13 +439,13 @@ def split_half_comparison(adata, groups: pd.Series, control_label: str, batch: p
                                                     suffixes=("_seen", "_unseen"))
     cosine = dict(zip(adata.uns["snmf"]["program_names"], adata.uns["snmf"]["split_half"]["cosine"]))
     comparison["cosine"] = comparison["program"].map(cosine)
-    comparison["program_reproduced"] = comparison["cosine"] >= min_cosine
+    comparison["program_reproduced"] = comparison["cosine"] >= factorize.REPRODUCED_COSINE
     return comparison
 
 
-def show_split_half(comparison: pd.DataFrame, contrasts: pd.DataFrame, fdr: float, n_learn: int,
-                    min_cosine: float = 0.8) -> pd.DataFrame:
+def show_split_half(comparison: pd.DataFrame, contrasts: pd.DataFrame, fdr: float, n_learn: int) -> pd.DataFrame:
     """The double-dipping check: summary per group of programs, the scatter; contrasts gain split columns."""
+    min_cosine = factorize.REPRODUCED_COSINE
     rows = []
     for reproduced, part in comparison.groupby("program_reproduced"):
         rows.append({
@@ -501,8 +502,8 @@ def show_program_labels(labels: pd.DataFrame, fdr: float) -> None:
     shown = labels[["program", "label", "library", "term", "qvalue"]]
     n_terms = int((labels["source"] == "term").sum())
     report.table(shown, f"A short label per program, used in the figures below and in the summary: the gene set with "
-                        f"the smallest q (< {fdr}) over both sides and every library (↑ positive loadings, ↓ negative), "
-                        f"else the program's three top genes. {n_terms} of {len(labels)} programs are labelled by a "
+                        f"the smallest q (< {fdr}) over every library among the positive loadings (↑), else among the "
+                        f"negative loadings (↓), else the program's three top genes. {n_terms} of {len(labels)} programs are labelled by a "
                         "gene set. Table: program_labels.csv.", max_rows=100)
 
 
@@ -546,7 +547,7 @@ def labelled_hits(paths, label_of: dict[str, str], fdr: float) -> pd.DataFrame:
     """Step 3's contrasts with each program's label; the hits (q < fdr) go to perturbation_hits.csv."""
     contrasts = pd.read_csv(paths.program_contrasts)
     contrasts.insert(2, "label", contrasts["program"].map(label_of))
-    hits = contrasts[contrasts["qvalue"] < fdr].sort_values(["qvalue", "perturbation", "program"], kind="stable")
+    hits = stats.significant_pairs(contrasts, fdr)
     hits.to_csv(paths.perturbation_hits, index=False)
     columns = [c for c in ("perturbation", "label", "effect", "effect_std", "qvalue", "consistency", "qvalue_split")
                if c in hits.columns]
@@ -559,8 +560,7 @@ def labelled_hits(paths, label_of: dict[str, str], fdr: float) -> pd.DataFrame:
 
 def top_hit_programs(contrasts: pd.DataFrame, fdr: float, n: int) -> list[str]:
     """Programs with the strongest hits (smallest q first), at most ``n``."""
-    hits = contrasts[contrasts["qvalue"] < fdr].sort_values("qvalue", kind="stable")
-    return list(dict.fromkeys(hits["program"]))[:n]
+    return list(dict.fromkeys(stats.significant_pairs(contrasts, fdr)["program"]))[:n]
 
 
 def write_summary_workbook(paths, fdr: float) -> None:

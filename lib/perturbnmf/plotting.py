@@ -370,15 +370,15 @@ def guide_effects(hits: pd.DataFrame, guide_table: pd.DataFrame, labels: dict | 
     return fig
 
 
-def split_half_scatter(comparison: pd.DataFrame, fdr: float, min_cosine: float = 0.8):
+def split_half_scatter(comparison: pd.DataFrame, fdr: float, min_cosine: float):
     """Effects on the test half: programs that saw these cells (x) vs programs that did not (y).
 
     ``comparison`` has one row per perturbation × program with ``effect_std_seen``,
-    ``effect_std_unseen``, ``qvalue_seen``, ``qvalue_unseen`` and ``cosine`` (the program's match
-    to its learn-half twin).
+    ``effect_std_unseen``, ``qvalue_seen``, ``qvalue_unseen`` and ``program_reproduced`` (its cosine
+    with its learn-half twin is at least ``min_cosine``, named in the legend).
     """
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    matched = comparison["cosine"] >= min_cosine
+    matched = comparison["program_reproduced"].to_numpy(dtype=bool)
     for mask, color, name in ((matched, "#4c72b0", f"program reproduced on the learn half (cosine ≥ {min_cosine})"),
                               (~matched, "#c8c8c8", f"program not reproduced (cosine < {min_cosine})")):
         ax.scatter(comparison.loc[mask, "effect_std_seen"], comparison.loc[mask, "effect_std_unseen"], s=12,

@@ -79,8 +79,13 @@ def seeds(parameters: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in parameters.items() if "seed" in name}
 
 
-def collect(parameters: dict[str, Any], input_path: str | Path | None = None) -> dict[str, Any]:
-    """Everything needed to rerun: parameters, seeds, versions, commit, input checksum, platform."""
+def collect(parameters: dict[str, Any], input_path: str | Path | None = None,
+            input_sha256: str | None = None) -> dict[str, Any]:
+    """Everything needed to rerun: parameters, seeds, versions, commit, input checksum, platform.
+
+    ``input_sha256``: the input's checksum when the caller has already computed it (hashing a
+    large h5ad twice costs seconds).
+    """
     from .report import public_path  # report imports this module
 
     record = {
@@ -94,7 +99,7 @@ def collect(parameters: dict[str, Any], input_path: str | Path | None = None) ->
     }
     if input_path is not None and Path(input_path).is_file():
         record["input"] = public_path(input_path)
-        record["input_sha256"] = sha256(input_path)
+        record["input_sha256"] = input_sha256 or sha256(input_path)
     return record
 
 

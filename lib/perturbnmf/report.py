@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from . import provenance
+from .stats import significant_pairs
 
 __all__ = ["STEPS", "RunPaths", "run_paths", "final_root", "staging_root", "public_path", "header", "table", "note",
            "warning", "render_html", "write_workbook", "write_index"]
@@ -226,7 +227,7 @@ def _top_hits_html(paths: RunPaths, fdr: float, n_hits: int) -> str:
     if not source.exists():
         return ""
     table = pd.read_csv(source)
-    hits = table[table["qvalue"] < fdr].sort_values(["qvalue", "perturbation", "program"], kind="stable")
+    hits = significant_pairs(table, fdr)
     top = hits.head(n_hits)
     columns = [c for c in _HIT_COLUMNS if c in top.columns]
     labelled = "label" in top.columns

@@ -55,6 +55,7 @@ __all__ = [
     "guide_effects",
     "add_consistency",
     "control_null",
+    "significant_pairs",
     "calibration_summary",
 ]
 
@@ -1221,6 +1222,15 @@ def control_null(
     table["qvalue"] = benjamini_hochberg(table["pvalue"].to_numpy())
     table["null_split"] = split
     return table
+
+
+def significant_pairs(contrasts: pd.DataFrame, fdr: float) -> pd.DataFrame:
+    """The hits of a contrasts table: rows with ``qvalue < fdr``, strongest first.
+
+    Sorted by q-value, ties by perturbation and program, so every report lists them in one order.
+    """
+    hits = contrasts[contrasts["qvalue"] < fdr]
+    return hits.sort_values(["qvalue", "perturbation", "program"], kind="stable")
 
 
 def calibration_summary(pvalues, fdr: float = 0.05) -> dict[str, Any]:
