@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT
+from test_pipeline import tiny_params as pipeline_params
 
 pytestmark = pytest.mark.slow
 
@@ -32,21 +33,14 @@ TIMING_COLUMNS = {"k_sweep.csv": ["seconds"]}
 
 
 def tiny_params(folder: Path, **overrides) -> dict:
-    """A tiny simulated screen (smaller than tests/test_pipeline.py's, to keep these tests fast), under ``folder``.
+    """tests/test_pipeline.py's tiny simulated screen made smaller (to keep these tests fast), under ``folder``.
 
     Every step runs as it does for a user, including the parallel restarts (``n_jobs`` all cores)
     and the split-half refit.
     """
-    inputs = folder / "inputs"
-    params = {
-        "run_name": "tiny", "output_dir": str(folder / "run"), "simulate": True,
-        "simulate_n_cells": 600, "simulate_n_genes": 300,
-        "input": str(inputs / "screen.h5ad"), "gene_sets": [str(inputs / "sets.gmt")],
-        "cell_cycle_genes": str(inputs / "cell_cycle.tsv"), "hvg_n_top_genes": 100,
-        "k_values": [3, 6], "k": 6, "n_restarts": 3, "max_iter": 100, "n_top_genes": 20,
-    }
-    params.update(overrides)
-    return params
+    smaller = {"simulate_n_cells": 600, "simulate_n_genes": 300, "hvg_n_top_genes": 100, "k_values": [3, 6],
+               "k": 6, "n_restarts": 3, "max_iter": 100, "prerank": False}
+    return pipeline_params(folder, **(smaller | overrides))
 
 
 def write_params(folder: Path, name: str = "params.yaml", **overrides) -> Path:
