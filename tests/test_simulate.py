@@ -98,6 +98,29 @@ def test_determinism():
     assert (a.X != c.X).nnz > 0
 
 
+def test_defaults_unchanged_checksum(small_screen):
+    """Regression: the default random stream must not change (new options draw elsewhere)."""
+    a = small_screen  # n_cells=600, n_genes=300, seed=3
+    X = a.X
+    assert int(X.sum()) == 2524039 and X.nnz == 139748
+    assert X[0].indices[:6].tolist() == [0, 2, 3, 4, 5, 7]
+    assert X[0].data[:6].tolist() == [41, 42, 2, 6, 2, 53]
+    assert [int(X[i, j]) for i, j in [(0, 0), (17, 5), (599, 299), (250, 120)]] == [41, 0, 11, 1]
+    assert np.asarray(X.sum(axis=0)).ravel()[:5].tolist() == [47981, 54, 12609, 785, 1629]
+    assert np.asarray(X.sum(axis=1)).ravel()[-3:].tolist() == [3568, 5095, 3253]
+    sim = a.uns["simulation"]
+    assert a.varm["simulation_weights"].sum() == pytest.approx(164.37163504694172, rel=1e-9)
+    assert a.obsm["simulation_usage"].sum() == pytest.approx(3278.8262395605625, rel=1e-9)
+    assert sim["effects"]["fold_change"].sum() == pytest.approx(22.32776513694399, rel=1e-9)
+    assert sim["null_targets"] == ["TGT05", "TGT07", "TGT11", "TGT13", "TGT14"]
+    assert a.obs["guide"].astype(str).iloc[:3].tolist() == ["TGT04g1", "NTg3", "TGT03g1"]
+    assert "guide_efficacy" not in sim
+    assert set(sim["params"]) == {
+        "n_cells", "n_genes", "n_programs", "n_targets", "n_batches",
+        "n_guides_per_target", "n_control_guides", "control_fraction", "seed",
+    }
+
+
 # ---- truth ------------------------------------------------------------------------------
 def test_programs_planted(small_screen):
     sim = small_screen.uns["simulation"]
@@ -182,6 +205,106 @@ def test_mito_genes_visible(default_screen):
     assert share.max() > 2 * np.median(share)  # some damaged cells for QC to catch
     means = np.asarray(a.X.mean(axis=0)).ravel()
     assert np.median(means[mito]) > np.percentile(means[~mito], 95)  # highly expressed
+
+
+# ---- benchmark options: down-regulated genes and guide efficacy --------------------------
+DOWN = dict(n_cells=1500, n_genes=400, n_down_genes=12, seed=4)
+
+
+@pytest.fixture(scope="module")
+def down_screen():
+    return simulate_screen(**DOWN)
+
+
+def test_down_genes_layout(down_screen):
+    a = down_screen
+    W = a.varm["simulation_weights"]
+    plain = a.var_names.str.startswith("GENE")
+    neg, pos = W < 0, W > 0
+    assert (neg.sum(axis=0) == 12).all()
+    assert not neg[~plain].any()  # never targets or mitochondrial genes
+    assert not (neg & pos).any()  # never a member of the program it lowers
+    # plenty of room here: lowered genes are in no program and distinct between programs
+    assert not (neg.any(axis=1) & pos.any(axis=1)).any()
+    assert (neg.sum(axis=1) <= 1).all()
+    assert ((-W[neg] >= 0.3) & (-W[neg] <= 2.0)).all()
+    assert a.uns["simulation"]["params"]["n_down_genes"] == 12
+    # separate random stream: the rest of the truth is that of the same seed without them
+    plain_run = simulate_screen(**{**DOWN, "n_down_genes": 0})
+    np.testing.assert_array_equal(np.where(pos, W, 0.0), plain_run.varm["simulation_weights"])
+    np.testing.assert_array_equal(a.obsm["simulation_usage"], plain_run.obsm["simulation_usage"])
+    pd.testing.assert_frame_equal(a.uns["simulation"]["effects"], plain_run.uns["simulation"]["effects"])
+    pd.testing.assert_frame_equal(a.obs, plain_run.obs)
+
+
+def test_down_genes_are_lowered(down_screen):
+    a = down_screen
+    W = a.varm["simulation_weights"]
+    usage = a.obsm["simulation_usage"]
+    X = a.X.toarray().astype(float)
+    norm = X / X.sum(axis=1, keepdims=True)
+    names = a.uns["simulation"]["program_names"]
+    for p, name in enumerate(names):
+        if name in ("S_PHASE", "G2M_CHECKPOINT"):  # never exactly zero: low vs high phase usage
+            low = usage[:, p] <= np.quantile(usage[:, p], 0.25)
+        else:
+            low = usage[:, p] == 0
+        high = usage[:, p] >= np.quantile(usage[:, p], 0.75)
+        genes = np.flatnonzero(W[:, p] < 0)
+        ratio = norm[high][:, genes].mean(axis=0) / norm[low][:, genes].mean(axis=0)
+        assert np.median(ratio) < 0.6, (name, ratio)
+        assert (ratio < 1).mean() >= 0.9, (name, ratio)
+        # and raw counts too
+        assert X[high][:, genes].mean() < X[low][:, genes].mean(), name
+
+
+EFFICACY = dict(n_cells=3000, n_genes=400, n_targets=20, seed=6)
+
+
+@pytest.fixture(scope="module")
+def efficacy_screens():
+    return simulate_screen(**EFFICACY, guide_efficacy=(0.2, 1.0)), simulate_screen(**EFFICACY)
+
+
+def test_guide_efficacy_stored(efficacy_screens):
+    a, full = efficacy_screens
+    sim = a.uns["simulation"]
+    eff = sim["guide_efficacy"]
+    assert isinstance(eff, pd.DataFrame)
+    targeting = [g for g in a.obs["guide"].cat.categories if not g.startswith("NT")]
+    assert list(eff.index) == targeting
+    assert list(eff["perturbation"]) == [g[:-2] for g in targeting]
+    assert eff["efficacy"].between(0.2, 1.0).all()
+    assert eff["efficacy"].std() > 0.1
+    assert sim["params"]["guide_efficacy"] == [0.2, 1.0]
+    # the effects table keeps the nominal fold change; design and truth otherwise unchanged
+    pd.testing.assert_frame_equal(sim["effects"], full.uns["simulation"]["effects"])
+    pd.testing.assert_frame_equal(a.obs, full.obs)
+    np.testing.assert_array_equal(a.varm["simulation_weights"], full.varm["simulation_weights"])
+
+
+def test_guide_efficacy_scales_effects(efficacy_screens):
+    a, full = efficacy_screens
+    sim = a.uns["simulation"]
+    eff = sim["guide_efficacy"]["efficacy"]
+    names = sim["program_names"]
+    guides = a.obs["guide"].astype(str).to_numpy()
+    ctrl = a.obs["is_control"].to_numpy()
+    usage, usage_full = a.obsm["simulation_usage"], full.obsm["simulation_usage"]
+    strong, weak = [], []
+    median = eff.median()
+    for row in sim["effects"].itertuples():
+        p = names.index(row.program)
+        for guide in eff.index[eff.index.str.startswith(row.perturbation + "g")]:
+            cells = guides == guide
+            # exact: usage is the full-efficacy usage times fold_change ** (e - 1)
+            np.testing.assert_allclose(
+                usage[cells, p], usage_full[cells, p] * row.fold_change ** (eff[guide] - 1.0), rtol=1e-12
+            )
+            size = abs(np.log(usage[cells, p].mean() / usage[ctrl, p].mean()))
+            (strong if eff[guide] > median else weak).append(size)
+    assert len(strong) >= 20 and len(weak) >= 20
+    assert np.mean(strong) > 1.25 * np.mean(weak)  # ~1.9 here; >= 1.38 over seeds 0-19
 
 
 # ---- files ------------------------------------------------------------------------------
@@ -284,6 +407,19 @@ def test_write_demo_inputs(tmp_path):
         ({"control_fraction": "a lot"}, "control_fraction"),
         ({"seed": -1}, "seed"),
         ({"seed": 1.5}, "seed"),
+        ({"n_down_genes": -1}, "n_down_genes"),
+        ({"n_down_genes": 2.5}, "n_down_genes"),
+        ({"n_down_genes": True}, "n_down_genes"),
+        ({"n_down_genes": 68}, "n_down_genes"),  # 300 genes leave room for 67 at most
+        ({"guide_efficacy": (0.0, 1.0)}, "guide_efficacy"),
+        ({"guide_efficacy": (0.5, 1.2)}, "guide_efficacy"),
+        ({"guide_efficacy": (0.9, 0.5)}, "guide_efficacy"),
+        ({"guide_efficacy": (0.5, float("nan"))}, "guide_efficacy"),
+        ({"guide_efficacy": (0.5,)}, "guide_efficacy"),
+        ({"guide_efficacy": (0.2, 0.5, 1.0)}, "guide_efficacy"),
+        ({"guide_efficacy": 0.5}, "guide_efficacy"),
+        ({"guide_efficacy": "0.5,1"}, "guide_efficacy"),
+        ({"guide_efficacy": (True, 1.0)}, "guide_efficacy"),
     ],
 )
 def test_bad_arguments(kwargs, name):

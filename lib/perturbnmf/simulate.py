@@ -3,9 +3,11 @@
 The simulator produces a cells x genes UMI count matrix in which
 
 * ``n_programs`` gene programs are planted: each program is a set of member genes with
-  positive log-fold weights, and every cell has a non-negative *usage* of every program;
+  positive log-fold weights (and, with ``n_down_genes > 0``, a set of genes it lowers, with
+  negative weights), and every cell has a non-negative *usage* of every program;
 * ``n_targets`` CRISPR targets (plus non-targeting controls) each shift the usage of zero,
-  one or two programs by a known multiplicative factor;
+  one or two programs by a known multiplicative factor (scaled per guide with
+  ``guide_efficacy``);
 * counts are negative binomial (gamma-Poisson with gene-wise dispersion) around
 
       mu[c, g] = L[c] * normalise_c( b[g] * exp(sum_p U[c, p] * W[g, p]) * B[batch(c), g] )
@@ -30,12 +32,24 @@ Layout of the returned object
     genes); columns ``simulation_baseline`` (baseline expression share) and
     ``simulation_dispersion`` (NB dispersion).
 ``varm["simulation_weights"]``
-    genes x n_programs planted log-fold weights (0 for non-members).
+    genes x n_programs planted log-fold weights: positive for member genes, negative for the
+    ``n_down_genes`` genes each program lowers (none by default), 0 elsewhere.
 ``obsm["simulation_usage"]``
     cells x n_programs planted usage, *after* the perturbation effects.
 ``uns["simulation"]``
     dict with ``program_names``, ``effects`` (DataFrame: perturbation, program,
-    fold_change, direction), ``null_targets``, ``targets``, ``params``, ``seed``.
+    fold_change, direction; ``fold_change`` is the nominal, full-efficacy factor),
+    ``null_targets``, ``targets``, ``params``, ``seed``; with ``guide_efficacy`` also
+    ``guide_efficacy`` (DataFrame indexed by targeting guide: perturbation, efficacy).
+    ``params`` holds ``n_down_genes`` / ``guide_efficacy`` only when they are switched on.
+
+Options for identifiability benchmarks
+--------------------------------------
+``n_down_genes`` and ``guide_efficacy`` are off by default, and with them off the result is
+identical to earlier versions. Their random draws come from separate streams derived from
+``seed`` (:class:`numpy.random.SeedSequence` spawn keys 1 and 2), so switching either on keeps
+the programs' members, the usage before effects, the effects table and the design of the same
+seed; only what the option changes (and hence the counts) differs.
 ``uns["control_label"]``
     ``"non-targeting"``.
 """
@@ -131,6 +145,57 @@ def _check_seed(seed) -> int:
     return int(seed)
 
 
+#: How usage becomes expression (see simulate_screen's ``expression``).
+_EXPRESSION_MODELS = ("log_linear", "mixture")
+#: Mixture model: a program profile is b * exp(_MIXTURE_CONTRAST * weights); a cell mixes
+#: _MIXTURE_SHARE * usage of each profile into its baseline.
+_MIXTURE_CONTRAST = 3.0
+_MIXTURE_SHARE = 0.1
+#: Mixture model: added to each program's active fraction (0.3-0.6 in the log-linear model).
+_MIXTURE_EXTRA_ACTIVE = 0.3
+
+
+def _mixture_log_expression(base: np.ndarray, usage: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """log(b + share · usage @ profiles), cells × genes: programs as count-space profiles."""
+    profiles = base[None, :] * np.exp(_MIXTURE_CONTRAST * weights.T)
+    profiles /= profiles.sum(axis=1, keepdims=True)
+    mix = usage @ profiles
+    mix *= _MIXTURE_SHARE
+    mix += base[None, :]
+    return np.log(np.maximum(mix, 1e-300), out=mix)
+
+
+def _check_efficacy(value) -> tuple[float, float] | None:
+    """``guide_efficacy``: None or a (low, high) pair with 0 < low <= high <= 1."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (Sequence, np.ndarray)):
+        raise ValueError(f"guide_efficacy must be None or a (low, high) pair, got {value!r}")
+    pair = list(value)
+    if len(pair) != 2 or any(
+        isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) for v in pair
+    ):
+        raise ValueError(f"guide_efficacy must be a (low, high) pair of numbers, got {value!r}")
+    low, high = float(pair[0]), float(pair[1])
+    if not (math.isfinite(low) and math.isfinite(high) and 0.0 < low <= high <= 1.0):
+        raise ValueError(f"guide_efficacy must satisfy 0 < low <= high <= 1, got ({low}, {high})")
+    return low, high
+
+
+def _option_rng(seed: int, stream: int) -> np.random.Generator:
+    """Generator for an optional feature, independent of ``default_rng(seed)``.
+
+    Optional features draw from their own stream so that the main stream, and with it the
+    default output, is the same whether or not they are switched on.
+    """
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(stream,)))
+
+
+def _member_weights(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Log-fold weights of program members: lognormal around 0.8, clipped to [0.3, 2]."""
+    return np.clip(rng.lognormal(np.log(0.8), 0.3, size=size), 0.3, 2.0)
+
+
 def _program_names(n_programs: int) -> list[str]:
     names = list(PROGRAM_NAMES[:n_programs])
     names += [f"PROGRAM_{i + 1:02d}" for i in range(len(names), n_programs)]
@@ -173,6 +238,9 @@ def simulate_screen(
     n_control_guides: int = 4,
     control_fraction: float = 0.15,
     seed: int = 0,
+    n_down_genes: int = 0,
+    guide_efficacy: tuple[float, float] | None = None,
+    expression: str = "log_linear",
 ) -> anndata.AnnData:
     """Simulate a Perturb-seq screen with planted gene programs and perturbation effects.
 
@@ -184,7 +252,8 @@ def simulate_screen(
     n_genes
         Number of measured genes (columns), including 10 mitochondrial genes
         (``MT-ND1`` ...) and the ``n_targets`` target genes, which are measured and knocked
-        down in their own cells. Must be >= ``10 + n_targets + 15 * n_programs + 20``.
+        down in their own cells. Must be >= ``10 + n_targets + 15 * n_programs + 20 +
+        2 * n_down_genes``.
     n_programs
         Number of planted programs, >= 3. ``S_PHASE`` and ``G2M_CHECKPOINT`` are always
         among them; they follow the planted cell-cycle phase and are not perturbed.
@@ -203,6 +272,28 @@ def simulate_screen(
     seed
         Seed of :func:`numpy.random.default_rng`; the result is a deterministic function
         of all arguments.
+    n_down_genes
+        Number of genes each program *lowers*, >= 0 (default 0: none). They are drawn from
+        the plain genes (neither targets nor mitochondrial) that are not members of that
+        program, preferring genes in no program and not yet lowered by another program, then
+        genes in no program, then members of other programs. Their weights are drawn like
+        the member weights (lognormal around 0.8, clipped to [0.3, 2]) and negated, and are
+        stored as negative entries of ``varm["simulation_weights"]``.
+    guide_efficacy
+        ``None`` (default: every guide has full effect) or ``(low, high)`` with
+        ``0 < low <= high <= 1``: every targeting guide gets an efficacy
+        ``e ~ Uniform(low, high)`` and a planted effect multiplies the usage of a cell with
+        that guide by ``fold_change ** e``. The efficacies are stored in
+        ``uns["simulation"]["guide_efficacy"]``; the ``effects`` table keeps the nominal
+        ``fold_change``. The target's own knockdown is not affected.
+    expression
+        How usage becomes expression. ``"log_linear"`` (default): log-expression is the
+        baseline plus ``usage @ weights.T``. ``"mixture"``: each program is a count-space
+        expression profile ``b * exp(3 * weights[:, p])`` (normalised; members raised up to
+        e^6-fold, lowered genes cut as much), and a cell's expression is the mixture
+        ``b + 0.1 * usage_c @ profiles`` — programs add transcripts, as in cNMF's
+        generative model (Kotliar et al. 2019), so a program active in a cell takes a
+        share of its counts (~15 % at usage 1.6). No random draw depends on it.
 
     Returns
     -------
@@ -228,8 +319,12 @@ def simulate_screen(
       stratified per group; ``obs["simulation_phase"]``) and ~0.1 elsewhere; these two
       programs are never perturbed.
     * Effects multiply a program's usage in all cells of the target by 2-3 ("up") or
-      0.2-0.4 ("down"); single-program targets alternate up/down. Every target gene is
-      knocked down to 10-40 % (guide-specific) in its own cells, null targets included.
+      0.2-0.4 ("down"), raised to the guide's efficacy with ``guide_efficacy``;
+      single-program targets alternate up/down. Every target gene is knocked down to
+      10-40 % (guide-specific) in its own cells, null targets included.
+    * ``n_down_genes`` and ``guide_efficacy`` draw from their own random streams (see the
+      module docstring): with both off the output is that of earlier versions, and
+      switching one on leaves the rest of the truth of the same ``seed`` unchanged.
     * Library sizes are lognormal (median ~4,000 UMIs); mitochondrial genes take ~5 % of
       the counts, with 3 % damaged cells (5x mito share, 0.4x library).
     """
@@ -241,16 +336,22 @@ def simulate_screen(
     n_guides_per_target = _check_int("n_guides_per_target", n_guides_per_target, 1)
     n_control_guides = _check_int("n_control_guides", n_control_guides, 1)
     seed = _check_seed(seed)
+    n_down_genes = _check_int("n_down_genes", n_down_genes, 0)
+    if expression not in _EXPRESSION_MODELS:
+        raise ValueError(f"expression must be one of {_EXPRESSION_MODELS}, got {expression!r}")
+    guide_efficacy = _check_efficacy(guide_efficacy)
     if isinstance(control_fraction, bool) or not isinstance(control_fraction, numbers.Real):
         raise ValueError(f"control_fraction must be a number, got {control_fraction!r}")
     control_fraction = float(control_fraction)
     if not 0.0 < control_fraction < 1.0:
         raise ValueError(f"control_fraction must be in (0, 1), got {control_fraction}")
-    min_genes = _N_MITO + n_targets + 15 * n_programs + 20
+    # 2 * n_down_genes guarantees every program >= n_down_genes plain non-member genes
+    min_genes = _N_MITO + n_targets + 15 * n_programs + 20 + 2 * n_down_genes
     if n_genes < min_genes:
+        down = f", n_down_genes={n_down_genes}" if n_down_genes else ""
         raise ValueError(
             f"n_genes must be >= {min_genes} for n_programs={n_programs} and "
-            f"n_targets={n_targets}, got {n_genes}"
+            f"n_targets={n_targets}{down}, got {n_genes}"
         )
     n_control = int(round(control_fraction * n_cells))
     if n_control < 10:
@@ -269,6 +370,13 @@ def simulate_screen(
         "n_guides_per_target": n_guides_per_target, "n_control_guides": n_control_guides,
         "control_fraction": control_fraction, "seed": seed,
     }
+    # new options are recorded only when switched on, so default params stay as they were
+    if n_down_genes:
+        params["n_down_genes"] = n_down_genes
+    if guide_efficacy is not None:
+        params["guide_efficacy"] = list(guide_efficacy)
+    if expression != "log_linear":
+        params["expression"] = expression
     rng = np.random.default_rng(seed)
 
     # ---- genes ------------------------------------------------------------------------
@@ -315,7 +423,9 @@ def simulate_screen(
             members[p] = np.union1d(members[p], shared)
     weights = np.zeros((n_genes, n_programs))
     for p, genes in enumerate(members):
-        weights[genes, p] = np.clip(rng.lognormal(np.log(0.8), 0.3, size=genes.size), 0.3, 2.0)
+        weights[genes, p] = _member_weights(rng, genes.size)
+    if n_down_genes:
+        _plant_down_genes(_option_rng(seed, 1), weights, members, plain_idx, n_down_genes)
 
     # ---- perturbation design ----------------------------------------------------------
     n_per_target = np.full(n_targets, (n_cells - n_control) // n_targets)
@@ -358,6 +468,8 @@ def simulate_screen(
     # the intended marginal distribution while the group means of the unperturbed usage agree
     # closely between groups: the planted fold changes are then the group-level truth.
     active = rng.uniform(0.3, 0.6, size=n_programs)
+    if expression == "mixture":  # programs as profiles: active in 60-90 % of cells
+        active += _MIXTURE_EXTRA_ACTIVE
     shape = rng.uniform(2.5, 4.5, size=n_programs)
     active_mean = rng.uniform(1.2, 2.0, size=n_programs)
     u = _stratified_uniform(rng, group, n_programs)
@@ -410,20 +522,44 @@ def simulate_screen(
                 effects.append((targets[t], program_names[p], fold(direction), direction))
     null_targets = [targets[t] for t, role in enumerate(roles) if role == 0]
     effects_df = pd.DataFrame(effects, columns=["perturbation", "program", "fold_change", "direction"])
-    for pert, prog, fc, _ in effects:
-        cells = group == (targets.index(pert) + 1)
-        usage[cells, program_names.index(prog)] *= fc
+    if guide_efficacy is None:
+        for pert, prog, fc, _ in effects:
+            cells = group == (targets.index(pert) + 1)
+            usage[cells, program_names.index(prog)] *= fc
+    else:
+        efficacy = _option_rng(seed, 2).uniform(
+            guide_efficacy[0], guide_efficacy[1], size=(n_targets, n_guides_per_target)
+        )
+        efficacy_df = pd.DataFrame(
+            {
+                "perturbation": np.repeat(targets, n_guides_per_target),
+                "efficacy": efficacy.ravel(),
+            },
+            index=pd.Index(guide_names[n_control_guides:], name="guide"),
+        )
+        for pert, prog, fc, _ in effects:
+            t = targets.index(pert)
+            cells = np.flatnonzero(group == t + 1)
+            usage[cells, program_names.index(prog)] *= fc ** efficacy[t, guide_within[cells]]
 
     # ---- expression means -------------------------------------------------------------
     batch_log = rng.normal(0.0, 0.15, size=(n_batches, n_genes))
     batch_log[:, mito_idx] = 0.0
-    log_mu = np.log(np.maximum(base, 1e-300))[None, :] + usage @ weights.T + batch_log[batch]
+    # (usage @ W.T + log b) + batch, computed in place: the same IEEE operations as
+    # log b + usage @ W.T + batch (addition is commutative), without the extra temporaries
+    if expression == "mixture":
+        log_mu = _mixture_log_expression(base, usage, weights)
+    else:
+        log_mu = usage @ weights.T
+        log_mu += np.log(np.maximum(base, 1e-300))[None, :]
+    log_mu += batch_log[batch]
     # mitochondrial share: lognormal per cell, with 3 % damaged cells (high mito, small library)
     damaged = rng.random(n_cells) < 0.03
     mito_log = rng.normal(0.0, 0.35, size=n_cells) + np.where(damaged, np.log(5.0), 0.0)
     log_mu[:, mito_idx] += mito_log[:, None]
     log_mu -= log_mu.max(axis=1, keepdims=True)
-    mu = np.exp(log_mu)
+    mu = np.exp(log_mu, out=log_mu)
+    del log_mu
     # target knockdown: guide-specific remaining fraction of the target's mRNA
     remaining = rng.uniform(0.1, 0.4, size=(n_targets, n_guides_per_target))
     pert_cells = np.flatnonzero(~is_control)
@@ -438,9 +574,13 @@ def simulate_screen(
 
     # ---- counts: gamma-Poisson --------------------------------------------------------
     inv_phi = 1.0 / dispersion
-    lam = rng.gamma(inv_phi[None, :], mu / inv_phi[None, :])
-    counts = rng.poisson(lam).astype(np.int32)
-    X = sp.csr_matrix(counts, dtype=np.int32)
+    mu /= inv_phi[None, :]  # the gamma scale; mu is not needed afterwards
+    lam = rng.gamma(inv_phi[None, :], mu)
+    del mu
+    counts = rng.poisson(lam)
+    del lam
+    X = sp.csr_matrix(counts.astype(np.int32), dtype=np.int32)
+    del counts
 
     # ---- AnnData ----------------------------------------------------------------------
     width_c = max(5, len(str(n_cells)))
@@ -472,7 +612,43 @@ def simulate_screen(
         "params": params,
         "seed": seed,
     }
+    if guide_efficacy is not None:
+        adata.uns["simulation"]["guide_efficacy"] = efficacy_df
     return adata
+
+
+def _plant_down_genes(
+    rng: np.random.Generator,
+    weights: np.ndarray,
+    members: list[np.ndarray],
+    plain_idx: np.ndarray,
+    n_down: int,
+) -> None:
+    """Give every program ``n_down`` genes with negative weights (in place in ``weights``).
+
+    Candidates for program ``p`` are the plain genes that are not members of ``p``, taken in
+    the order: genes in no program and not yet lowered by another program, genes in no
+    program, members of other programs (random order within each tier).
+    """
+    n_genes, n_programs = weights.shape
+    in_any = np.zeros(n_genes, dtype=bool)
+    for genes in members:
+        in_any[genes] = True
+    lowered = np.zeros(n_genes, dtype=bool)
+    for p in range(n_programs):
+        in_p = np.zeros(n_genes, dtype=bool)
+        in_p[members[p]] = True
+        candidates = plain_idx[~in_p[plain_idx]]
+        if candidates.size < n_down:  # excluded by the n_genes check; kept as a guard
+            raise ValueError(
+                f"n_down_genes={n_down} is too large: program {p + 1} has only "
+                f"{candidates.size} plain non-member genes"
+            )
+        tier = np.where(in_any[candidates], 2, np.where(lowered[candidates], 1, 0))
+        order = np.lexsort((rng.random(candidates.size), tier))
+        chosen = np.sort(candidates[order[:n_down]])
+        lowered[chosen] = True
+        weights[chosen, p] = -_member_weights(rng, n_down)
 
 
 # --------------------------------------------------------------------------------------
