@@ -26,7 +26,7 @@ def adata():
     a = ad.AnnData(X=X.toarray(), obs=obs)
     a.layers["normalized"] = X
     a.var["highly_variable"] = True
-    fz.factorize(a, [4], n_restarts=3, seed=0, n_jobs=1, max_iter=300)
+    fz.factorize(a, [4], n_restarts=3, seed=0, n_jobs=1, max_iter=300, model="seminmf", density_threshold=None)
     match = fz.split_half(a, "perturbation", n_restarts=3, seed=1, n_jobs=1, max_iter=300)
     a.uns["_match"] = match
     return a
@@ -72,3 +72,38 @@ def test_learn_half_programs_never_see_the_test_cells(adata):
     fz.split_half(other, "perturbation", n_restarts=3, seed=1, n_jobs=1, max_iter=300)
     np.testing.assert_allclose(other.uns["snmf"]["split_half"]["cosine"], adata.uns["snmf"]["split_half"]["cosine"],
                                rtol=1e-6)
+
+
+def test_regression_scores_are_the_least_squares_coefficients():
+    """Gene scores = OLS of each gene on the standardised usage with an intercept (statsmodels-free check)."""
+    rng = np.random.default_rng(0)
+    W = rng.gamma(2.0, 1.0, (300, 3))
+    X = sp.csr_matrix(np.maximum(W @ rng.normal(size=(3, 20)) + rng.normal(size=(300, 20)), 0))
+    B = fz.regression_scores(X, W)
+    Z = (W - W.mean(0)) / W.std(0)
+    design = np.hstack([np.ones((300, 1)), Z])
+    expected = np.linalg.lstsq(design, X.toarray(), rcond=None)[0][1:]
+    np.testing.assert_allclose(B, expected, atol=1e-8)
+    W[:, 1] = 2.0  # a program without variance gets zero scores, the others are unaffected
+    assert (fz.regression_scores(X, W)[1] == 0).all()
+
+
+def test_nmf_shows_lowered_genes_as_negative_scores():
+    """A program that raises genes 0-9 and lowers genes 10-19: NMF loadings are >= 0, its gene scores are not."""
+    rng = np.random.default_rng(1)
+    n = 2000
+    usage = rng.gamma(2.0, 1.0, (n, 2))
+    base = np.full(40, 2.0)
+    X = np.tile(base, (n, 1))
+    X[:, :10] += usage[:, [0]]
+    X[:, 10:20] = np.maximum(X[:, 10:20] - 0.5 * usage[:, [0]], 0)
+    X[:, 20:30] += usage[:, [1]]
+    X += 0.1 * rng.random(X.shape)
+    a = ad.AnnData(X=X)
+    a.layers["normalized"] = sp.csr_matrix(X)
+    a.var["highly_variable"] = True
+    fz.factorize(a, [2], n_restarts=2, seed=0, n_jobs=1, holdout_fraction=0.0)
+    scores = fz.gene_scores(a)
+    first = scores.iloc[:10].mean().idxmax()  # the program that raises genes 0-9
+    assert (fz.loadings(a).to_numpy() >= 0).all()
+    assert (scores[first].iloc[10:20] < 0).all() and (scores[first].iloc[:10] > 0).all()

@@ -93,7 +93,11 @@ def test_anndata_outputs_follow_the_scverse_layout(tiny_run):
     assert fac.obsm["X_snmf"].shape == (fac.n_obs, k) and (fac.obsm["X_snmf"] >= 0).all()
     assert fac.varm["snmf_loadings"].shape == (fac.n_vars, k)
     assert (fac.varm["snmf_loadings"][~fac.var["snmf_used"].to_numpy()] == 0).all()
+    assert (fac.varm["snmf_loadings"] >= 0).all()  # the default model is NMF
+    scores = fac.varm["snmf_gene_scores"]
+    assert scores.shape == (fac.n_vars, k) and (scores < 0).any() and (scores > 0).any()
     info = fac.uns["snmf"]
+    assert info["model"] == "nmf" and info["params"]["density_threshold"] == 0.5
     assert {"solver", "seed", "n_iter", "objective", "sweep", "program_names"} <= set(info)
     assert list(info["sweep"]["k"]) == [3, 6, 9]
     assert len(info["objective"]) == info["n_iter"]
@@ -106,6 +110,9 @@ def test_tables_are_well_formed(tiny_run):
     contrasts = pd.read_csv(data / "program_contrasts.csv")
     assert {"program", "perturbation", "n_cells", "effect", "statistic", "pvalue", "qvalue"} <= set(contrasts.columns)
     assert "non-targeting" not in set(contrasts["perturbation"])
+    hits = contrasts[contrasts["qvalue"] < 0.05]
+    assert set(hits["role"]) <= {"primary", "secondary"} and contrasts.loc[contrasts["qvalue"] >= 0.05, "role"].isna().all()
+    assert (hits.groupby("perturbation")["role"].apply(lambda r: (r == "primary").any())).all()
     assert contrasts["qvalue"].between(0, 1).all()
     top = pd.read_csv(data / "top_genes.csv")
     assert set(top["side"]) == {"positive", "negative"} and top.groupby(["program", "side"]).size().max() <= 20

@@ -371,8 +371,8 @@ def test_consensus_sweep_table_and_components(Xs, holdout, data):
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.filterwarnings("ignore", message="SemiNMF: component", category=RuntimeWarning)
         try:
-            res = consensus_sweep(X, k_values, n_restarts=2, max_iter=20, holdout_fraction=holdout, n_jobs=1,
-                                  progress=False)
+            res = consensus_sweep(X, k_values, model="seminmf", n_restarts=2, max_iter=20, holdout_fraction=holdout,
+                                  n_jobs=1, progress=False)
         except ValueError as exc:  # documented: nothing to factorise on the training cells
             assert "all zeros on the" in str(exc)
             assert np.count_nonzero(X_ref.any(axis=1)) <= n - n_train

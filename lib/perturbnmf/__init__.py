@@ -11,7 +11,7 @@ Modules follow scanpy's split: ``pp`` (preprocess), ``pl`` (plotting); the tools
 from importlib.metadata import PackageNotFoundError, version
 
 from . import enrichment, evaluation, factorize, params, pipeline, plotting, preprocess, provenance, report, simulate, stats
-from ._seminmf import SemiNMF
+from ._seminmf import NMF, SemiNMF
 
 pp = preprocess
 pl = plotting
@@ -21,5 +21,5 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0+unknown"
 
-__all__ = ["SemiNMF", "pp", "pl", "preprocess", "factorize", "stats", "enrichment", "evaluation", "simulate",
+__all__ = ["NMF", "SemiNMF", "pp", "pl", "preprocess", "factorize", "stats", "enrichment", "evaluation", "simulate",
            "plotting", "params", "pipeline", "provenance", "report", "__version__"]

@@ -70,7 +70,7 @@ from threadpoolctl import threadpool_limits
 
 from . import _kernels
 
-__all__ = ["SemiNMF"]
+__all__ = ["NMF", "SemiNMF"]
 
 #: Relative size of the guard added to the denominator of the multiplicative
 #: update (relative to the largest numerator/denominator entry).
@@ -231,6 +231,36 @@ def _update_h_svd(X, W, *, block_elements=2**22):
     return np.ascontiguousarray(Vt[keep].T @ (UtX / s[keep, None]))
 
 
+def _update_h_nonnegative(X, W, H, *, n_sweeps=1, WtX=None):
+    """H step of NMF: exact coordinate descent on ``min_{H >= 0} ||X - W H||_F`` from ``H``.
+
+    The rows of ``H.T`` are the genes' non-negative least-squares problems with Gram matrix
+    ``W^T W`` and right-hand sides ``(W^T X)^T``: the same compiled kernel as the W step
+    (:func:`perturbnmf._kernels.coordinate_descent_rows`), each sweep an exact block
+    minimisation, so the objective never increases.
+
+    Parameters
+    ----------
+    X : ndarray or sparse matrix of shape (n_samples, n_features)
+    W : ndarray of shape (n_samples, k)
+    H : ndarray of shape (k, n_features)
+        Current (non-negative) loadings, the starting point.
+    n_sweeps : int
+        Coordinate-descent sweeps over each gene's k loadings.
+    WtX : ndarray of shape (k, n_features), optional
+        Precomputed ``W.T @ X``.
+
+    Returns
+    -------
+    H : ndarray of shape (k, n_features), non-negative
+    """
+    if WtX is None:
+        WtX = _safe_Wt_X(X, W)
+    Ht = np.array(np.maximum(H, 0.0).T, dtype=np.float64, order="C")
+    _kernels.coordinate_descent_rows(Ht, np.ascontiguousarray(WtX.T), np.ascontiguousarray(W.T @ W), n_sweeps, 0.0)
+    return np.ascontiguousarray(Ht.T)
+
+
 def _update_w_multiplicative(X, W, H, *, XHt=None, HHt=None, eps=None):
     """W step: one Ding-Li-Jordan multiplicative update.
 
@@ -375,7 +405,7 @@ def _reseed_rng(random_state):
     return np.random.default_rng(None if random_state is None else [int(random_state), 1])
 
 
-def _initialize(X, n_components, init, random_state, *, W=None, H=None):
+def _initialize(X, n_components, init, random_state, *, W=None, H=None, nonnegative_h=False, covariates=None):
     """Initial factors.
 
     ``init="random"``: ``W`` uniform on (0, 1] times ``sqrt(mean|X| / k)``
@@ -387,7 +417,9 @@ def _initialize(X, n_components, init, random_state, *, W=None, H=None):
     start is at least as good as the rank-(k-1) SVD.
     ``init="custom"``: the given ``W`` (validated by the caller).
     In both cases ``H`` is the least-squares loading matrix for that ``W``
-    (the mu solver starts with an H step, so a custom ``H`` is not used).
+    (the mu solver starts with an H step, so a custom ``H`` is not used); with
+    ``nonnegative_h`` (NMF) it is the non-negative least-squares ``H`` instead,
+    from the clipped least-squares one.
 
     Parameters
     ----------
@@ -399,11 +431,15 @@ def _initialize(X, n_components, init, random_state, *, W=None, H=None):
         Custom initial usage (``init="custom"``).
     H : ndarray of shape (n_components, n_features), optional
         Custom initial loadings; ignored (recomputed by the H step).
+    nonnegative_h : bool
+        Start an NMF (``H >= 0``).
+    covariates : ndarray of shape (n_samples, n_covariates), optional
+        Known usage appended to W (its loadings are fitted with the others).
 
     Returns
     -------
-    W : ndarray of shape (n_samples, n_components)
-    H : ndarray of shape (n_components, n_features)
+    W : ndarray of shape (n_samples, n_components [+ n_covariates])
+    H : ndarray of shape (n_components [+ n_covariates], n_features)
     """
     n_samples, n_features = X.shape
     if init == "svd" and n_components > 1:
@@ -417,8 +453,16 @@ def _initialize(X, n_components, init, random_state, *, W=None, H=None):
         W = np.array(W, dtype=np.float64, copy=True)
     else:  # pragma: no cover - guarded by parameter validation
         raise ValueError(f"Invalid init={init!r}; valid values are 'random', 'svd', 'custom'.")
+    if covariates is not None:
+        W = np.hstack([W, covariates])
     H = _update_h_least_squares(X, W)
+    if nonnegative_h:
+        H = _update_h_nonnegative(X, W, H, n_sweeps=_NMF_INIT_H_SWEEPS)
     return W, H
+
+
+#: Coordinate-descent sweeps that turn the clipped least-squares H of the start into an NMF H.
+_NMF_INIT_H_SWEEPS = 20
 
 
 def _svd_start(X, n_components, random_state, n_oversamples=10):
@@ -512,7 +556,7 @@ def _hals_inner_sweeps(X, k):
     return int(np.clip((2.0 * per_row / k) // 3, 1, _HALS_INNER_SWEEPS))
 
 
-def _hals_iteration(X, W, H, XHt, HHt, rng, *, n_sweeps=1):
+def _hals_iteration(X, W, H, XHt, HHt, rng, *, n_sweeps=1, nonnegative_h=False, l1=0.0, l2=0.0, n_fixed=0):
     """One block-coordinate-descent iteration: HALS sweeps on W, then exact least-squares H.
 
     The W block is solved by exact coordinate descent (each entry's non-negative
@@ -536,6 +580,16 @@ def _hals_iteration(X, W, H, XHt, HHt, rng, *, n_sweeps=1):
     n_sweeps : int
         W sweeps per pass over X; :func:`_fit_loop` sets it once per fit from
         :func:`_hals_inner_sweeps` (it depends only on X and k).
+    nonnegative_h : bool
+        NMF: the H block is ``n_sweeps`` HALS sweeps on ``H >= 0`` (Cichocki & Phan 2009)
+        instead of the least-squares solution.
+    l1, l2 : float
+        Penalties ``l1 * sum(W) + l2 / 2 * ||W||^2`` of the W block (``alpha_W``). With a
+        penalty the programs are rescaled to unit L2 norm after the H step (W takes the
+        scale), otherwise shrinking W would only grow H.
+    n_fixed : int
+        The last ``n_fixed`` columns of W are known covariates (e.g. batch indicators): never
+        updated, their loadings fitted with the rest in the H step.
 
     Returns
     -------
@@ -545,13 +599,26 @@ def _hals_iteration(X, W, H, XHt, HHt, rng, *, n_sweeps=1):
         Components re-seeded in this iteration.
     """
     W = np.array(W, dtype=np.float64, order="C", copy=True)
-    _kernels.coordinate_descent_rows(W, np.ascontiguousarray(XHt), np.ascontiguousarray(HHt),
-                                     n_sweeps, 0.0)
-    dead = _dead_components(W)
+    n_free = W.shape[1] - n_fixed
+    # the penalised block is the plain one with shifted terms: b - l1 and Q + l2 I
+    Q = HHt + l2 * np.eye(len(HHt))
+    fixed = np.arange(n_free, W.shape[1])
+    Q[fixed, fixed] = 0.0  # the kernel leaves a column with a zero diagonal unchanged
+    _kernels.coordinate_descent_rows(W, np.ascontiguousarray(XHt - l1), np.ascontiguousarray(Q), n_sweeps, 0.0)
+    dead = _dead_components(W[:, :n_free])
     if dead.size:
         scale = float(W.mean()) if W.any() else 1.0
         W[:, dead] = scale * _uniform_open_closed(rng, (W.shape[0], dead.size))
-    H = _update_h_least_squares(X, W)
+    if nonnegative_h:
+        H = _update_h_nonnegative(X, W, H, n_sweeps=n_sweeps)
+    else:
+        H = _update_h_least_squares(X, W)
+    if l1 or l2:
+        norms = np.ones(len(H))
+        norms[:n_free] = np.linalg.norm(H[:n_free], axis=1)
+        norms[norms == 0] = 1.0
+        W *= norms
+        H = H / norms[:, None]
     XHt = _safe_X_Ht(X, H)
     HHt = H @ H.T
     return W, H, XHt, HHt, int(dead.size)
@@ -587,7 +654,7 @@ def _warn_dead(dead, already, iteration):
 _CONVERGENCE_WINDOW = 10
 
 
-def _fit_loop(X, W, H, *, solver, max_iter, tol, rng, verbose=0):
+def _fit_loop(X, W, H, *, solver, max_iter, tol, rng, verbose=0, nonnegative_h=False, l1=0.0, l2=0.0, n_fixed=0):
     """Iterate a solver until the relative objective decrease is below ``tol``.
 
     The decrease is measured over the last ``_CONVERGENCE_WINDOW`` iterations,
@@ -609,6 +676,12 @@ def _fit_loop(X, W, H, *, solver, max_iter, tol, rng, verbose=0):
     rng : numpy.random.Generator
         For re-seeding dead components (hals).
     verbose : int
+    nonnegative_h : bool
+        NMF (``H >= 0``); only with ``solver="hals"``.
+    l1, l2 : float
+        Usage penalties (``solver="hals"``); the objective traced includes them.
+    n_fixed : int
+        Known covariate columns at the end of W, never updated (``solver="hals"``).
 
     Returns
     -------
@@ -625,15 +698,22 @@ def _fit_loop(X, W, H, *, solver, max_iter, tol, rng, verbose=0):
     """
     step = _SOLVERS[solver]
     if solver == "hals":  # counting X's non-zeros is a pass over X: once per fit, not per iteration
-        step = functools.partial(step, n_sweeps=_hals_inner_sweeps(X, W.shape[1]))
+        step = functools.partial(step, n_sweeps=_hals_inner_sweeps(X, W.shape[1]), nonnegative_h=nonnegative_h,
+                                 l1=l1, l2=l2, n_fixed=n_fixed)
+    n_free = W.shape[1] - n_fixed
     norm_X_sq = _squared_norm(X)
     XHt = _safe_X_Ht(X, H)
     HHt = H @ H.T
-    f_prev = _objective(X, W, H, norm_X_sq=norm_X_sq, XHt=XHt, HHt=HHt)
+
+    def penalty(W):
+        W = W[:, :n_free]
+        return l1 * float(W.sum()) + 0.5 * l2 * float(np.sum(W * W)) if (l1 or l2) else 0.0
+
+    f_prev = _objective(X, W, H, norm_X_sq=norm_X_sq, XHt=XHt, HHt=HHt) + penalty(W)
     initial_objective = f_prev
     trace = []
     dead_warned: set[int] = set()
-    _warn_dead(_dead_components(W), dead_warned, 0)
+    _warn_dead(_dead_components(W[:, :n_free]), dead_warned, 0)
     converged = False
     rel_change = np.inf
     n_reseeded = 0
@@ -641,9 +721,9 @@ def _fit_loop(X, W, H, *, solver, max_iter, tol, rng, verbose=0):
     for it in range(1, max_iter + 1):
         W, H, XHt, HHt, reseeded = step(X, W, H, XHt, HHt, rng)
         n_reseeded += reseeded
-        f = _objective(X, W, H, norm_X_sq=norm_X_sq, XHt=XHt, HHt=HHt)
+        f = _objective(X, W, H, norm_X_sq=norm_X_sq, XHt=XHt, HHt=HHt) + penalty(W)
         trace.append(f)
-        _warn_dead(_dead_components(W), dead_warned, it)
+        _warn_dead(_dead_components(W[:, :n_free]), dead_warned, it)
         reference = trace[-1 - _CONVERGENCE_WINDOW] if len(trace) > _CONVERGENCE_WINDOW else initial_objective
         rel_change = (reference - f) / max(reference, _TINY)
         if verbose and (it % 10 == 0 or it == 1):
@@ -816,6 +896,13 @@ class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         only its values (never densified), and uses a dense float X as it is
         (other dense X, e.g. integers, is converted to the solver's dtype, as a
         sparse X).
+    alpha_W : float, default=0.0
+        Strength of the penalty on the usage W (as scikit-learn's ``NMF``): the objective
+        gains ``alpha_W * n_features * (l1_ratio * sum(W) + (1 - l1_ratio) / 2 * ||W||^2)``;
+        with a penalty the programs are kept at unit L2 norm. Off by default; ``"hals"``
+        only. ``transform`` fits usage without the penalty.
+    l1_ratio : float, default=0.0
+        Share of the penalty that is L1 (sparse usage), in [0, 1].
     random_state : int, numpy.random.Generator, RandomState or None, default=None
         Seed of the initialisation and of re-seeded components.
     verbose : int, default=0
@@ -855,9 +942,14 @@ class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         "dtype": [StrOptions({"auto", "float32", "float64"})],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="neither")],
+        "alpha_W": [Interval(Real, 0, None, closed="left")],
+        "l1_ratio": [Interval(Real, 0, 1, closed="both")],
         "random_state": ["random_state", np.random.Generator],
         "verbose": ["verbose"],
     }
+
+    #: NMF sets this: loadings constrained to H >= 0.
+    _nonnegative_components = False
 
     def __init__(
         self,
@@ -868,6 +960,8 @@ class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         max_iter=500,
         tol=1e-4,
         dtype="auto",
+        alpha_W=0.0,
+        l1_ratio=0.0,
         random_state=None,
         verbose=0,
     ):
@@ -877,6 +971,8 @@ class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self.max_iter = max_iter
         self.tol = tol
         self.dtype = dtype
+        self.alpha_W = alpha_W
+        self.l1_ratio = l1_ratio
         self.random_state = random_state
         self.verbose = verbose
 
@@ -954,6 +1050,9 @@ class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             )
         return X
 
+    def _check_sign(self, X):
+        """Any sign is allowed (NMF overrides this)."""
+
     def _check_n_components(self, X):
         n_samples, n_features = X.shape
         limit = min(n_samples, n_features)
@@ -1002,7 +1101,7 @@ class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
     # ------------------------------------------------------------------
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit_transform(self, X, y=None, W=None, H=None):
+    def fit_transform(self, X, y=None, W=None, H=None, covariates=None):
         """Fit the model and return the usage ``W`` of the training cells.
 
         Parameters
@@ -1015,14 +1114,25 @@ class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         H : array-like of shape (n_components, n_features), optional
             Initial loadings for ``init="custom"``; validated but not used by
             ``solver="mu"``, which starts with the least-squares H step.
+        covariates : array-like of shape (n_samples, n_covariates), optional
+            Known, fixed usage (``solver="hals"``): e.g. one indicator column per batch, so
+            that each batch's baseline expression has its own loadings
+            (``covariate_components_``) instead of taking programs. ``transform`` then needs
+            the covariates of the new cells.
 
         Returns
         -------
         W : ndarray of shape (n_samples, n_components)
-            Non-negative usage.
+            Non-negative usage of the programs (covariates excluded).
         """
         X = self._validate_X(X, reset=True)
         self._check_n_components(X)
+        self._check_sign(X)
+        if self.alpha_W and self.solver != "hals":
+            raise ValueError(f"alpha_W > 0 needs solver='hals' (got solver={self.solver!r}).")
+        Z = self._check_covariates(X, covariates)
+        if Z is not None and self.solver != "hals":
+            raise ValueError(f"covariates need solver='hals' (got solver={self.solver!r}).")
         if self.init == "custom":
             W, H = self._check_custom_init(X, W, H)
         elif W is not None or H is not None:
@@ -1035,21 +1145,27 @@ class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         # With a sparse X the compiled kernels do the heavy work on all cores; the BLAS calls
         # left are k x k, and idle BLAS threads spinning beside the kernels' threads cost ~30 %.
         with threadpool_limits(1 if sp.issparse(X) else None, user_api="blas"):
-            W0, H0 = _initialize(X, self.n_components, self.init, self.random_state, W=W, H=H)
+            W0, H0 = _initialize(X, self.n_components, self.init, self.random_state, W=W, H=H,
+                                 nonnegative_h=self._nonnegative_components, covariates=Z)
             W, H, n_iter, f0, trace, converged, rel_change, n_reseeded = _fit_loop(
                 X, W0, H0, solver=self.solver, max_iter=self.max_iter, tol=self.tol,
                 rng=_reseed_rng(self.random_state), verbose=self.verbose,
+                nonnegative_h=self._nonnegative_components,
+                l1=self.alpha_W * self.l1_ratio * X.shape[1], l2=self.alpha_W * (1.0 - self.l1_ratio) * X.shape[1],
+                n_fixed=0 if Z is None else Z.shape[1],
             )
         if not converged:
             warnings.warn(
-                f"SemiNMF did not converge within max_iter={self.max_iter} iterations "
+                f"{type(self).__name__} did not converge within max_iter={self.max_iter} iterations "
                 f"(last relative objective change {rel_change:.3e} >= tol={self.tol:g}); "
                 "increase max_iter or tol.",
                 ConvergenceWarning,
                 stacklevel=2,
             )
-        self.components_ = H
-        self.n_components_ = H.shape[0]
+        k = self.n_components
+        self.components_ = H[:k]
+        self.covariate_components_ = H[k:]
+        self.n_components_ = k
         self.n_iter_ = n_iter
         self.initial_objective_ = f0
         self.objective_ = trace
@@ -1059,7 +1175,18 @@ class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             self.reconstruction_err_ = _residual_norm(X, W, H)
         else:  # the Gram form costs nothing more; its cancellation is harmless at real-data error levels
             self.reconstruction_err_ = float(np.sqrt(2.0 * trace[-1]))
-        return W
+        return W[:, :k]
+
+    def _check_covariates(self, X, covariates):
+        """None, or the covariates as a finite, non-negative float64 array of shape (n_samples, b)."""
+        if covariates is None:
+            return None
+        Z = np.asarray(covariates, dtype=np.float64)
+        if Z.ndim != 2 or Z.shape[0] != X.shape[0] or Z.shape[1] == 0:
+            raise ValueError(f"covariates must have shape (n_samples = {X.shape[0]}, n_covariates >= 1); got {Z.shape}.")
+        if not np.all(np.isfinite(Z)) or np.any(Z < 0):
+            raise ValueError("covariates must be finite and non-negative (e.g. batch indicator columns).")
+        return np.ascontiguousarray(Z)
 
     def fit(self, X, y=None, **params):
         """Fit the model.
@@ -1078,7 +1205,7 @@ class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self.fit_transform(X, **params)
         return self
 
-    def transform(self, X):
+    def transform(self, X, covariates=None):
         """Usage of (new) cells for the fitted components.
 
         Solves ``min_{W >= 0} ||X - W H||_F`` with ``H = components_`` fixed
@@ -1093,6 +1220,8 @@ class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         Parameters
         ----------
         X : array-like or sparse matrix of shape (n_samples, n_features)
+        covariates : array-like of shape (n_samples, n_covariates)
+            Needed when the model was fitted with covariates: their part of the fit is held fixed.
 
         Returns
         -------
@@ -1102,10 +1231,19 @@ class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         check_is_fitted(self)
         X = self._validate_X(X, reset=False)
         H = self.components_
-        W, n_sweeps, converged = _nnls_rows_cd(_safe_X_Ht(X, H), H @ H.T)
+        H_cov = getattr(self, "covariate_components_", np.zeros((0, H.shape[1])))
+        if len(H_cov) and covariates is None:
+            raise ValueError(f"This model was fitted with {len(H_cov)} covariates: pass covariates= for the new cells.")
+        B = _safe_X_Ht(X, H)
+        if len(H_cov):
+            Z = self._check_covariates(X, covariates)
+            if Z.shape[1] != len(H_cov):
+                raise ValueError(f"covariates must have {len(H_cov)} columns, as in fit; got {Z.shape[1]}.")
+            B -= Z @ (H_cov @ H.T)
+        W, n_sweeps, converged = _nnls_rows_cd(B, H @ H.T)
         if not converged:
             warnings.warn(
-                f"SemiNMF.transform: the non-negative least-squares solver did not "
+                f"{type(self).__name__}.transform: the non-negative least-squares solver did not "
                 f"converge within {n_sweeps} sweeps; the usage may be inaccurate.",
                 ConvergenceWarning,
                 stacklevel=2,
@@ -1142,3 +1280,31 @@ class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         tags.input_tags.sparse = True
         tags.transformer_tags.preserves_dtype = ["float64"]
         return tags
+
+
+class NMF(SemiNMF):
+    """Non-negative matrix factorisation ``X ~= W H`` with ``W >= 0`` and ``H >= 0``.
+
+    The identifiable sibling of :class:`SemiNMF`: with signed loadings any ``W Q``,
+    ``Q^-1 H`` with ``W Q >= 0`` fits equally well, so semi-NMF programs come out as blends of
+    the real ones; non-negative loadings pin them down (Fu, Huang & Sidiropoulos 2018).
+    ``X`` must be non-negative (e.g. log-normalised expression). Fitted by the same driver as
+    :class:`SemiNMF` with ``solver="hals"``: HALS sweeps on W, then HALS sweeps on H
+    (Cichocki & Phan 2009, scikit-learn's ``solver="cd"``), several per pass over X. All
+    parameters and attributes are those of :class:`SemiNMF` (only ``solver="hals"``);
+    ``components_`` is non-negative.
+
+    A program cannot lower genes in this model: genes that fall as a program rises are read
+    from the signed regression of expression on usage (:func:`perturbnmf.factorize.gene_scores`).
+    """
+
+    _parameter_constraints: dict = {**SemiNMF._parameter_constraints, "solver": [StrOptions({"hals"})]}
+    _nonnegative_components = True
+
+    def _check_sign(self, X):
+        values = X.data if sp.issparse(X) else X
+        if values.size and float(values.min()) < 0:
+            raise ValueError(
+                f"NMF needs a non-negative X (its minimum is {float(values.min()):.3g}): use log-normalised "
+                "expression without centring, or SemiNMF for data of any sign."
+            )

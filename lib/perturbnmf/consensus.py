@@ -33,14 +33,15 @@ import pandas as pd
 import scipy.sparse as sp
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.metrics import silhouette_score
+from sklearn.metrics import silhouette_samples
 
-from ._seminmf import SemiNMF, _nnls_rows_cd, _objective, _safe_X_Ht, _squared_norm
+from ._seminmf import NMF, SemiNMF, _nnls_rows_cd, _objective, _safe_X_Ht, _squared_norm
 
-__all__ = ["ConsensusSweep", "consensus_sweep", "holdout_error", "refit_usage", "relative_error", "suggest_k"]
+__all__ = ["MODELS", "ConsensusSweep", "consensus_sweep", "holdout_error", "refit_usage", "relative_error",
+           "suggest_k"]
 
-#: The suggested k is the smallest whose held-out error is within this share of the best.
-ERROR_TOLERANCE = 0.01
+#: model name -> estimator: "nmf" (identifiable, the default) or "seminmf" (signed loadings).
+MODELS = {"nmf": NMF, "seminmf": SemiNMF}
 #: Below this silhouette the report warns that restarts disagree.
 LOW_STABILITY = 0.5
 
@@ -67,6 +68,8 @@ class ConsensusSweep:
         The rule that picked ``suggested_k``, in words, for the report.
     holdout_cells : ndarray
         Indices of the held-out cells (empty without a hold-out).
+    covariate_components : dict
+        ``{k: H_cov}``: the covariates' loadings (b × n_genes; b = 0 without covariates).
     """
 
     table: pd.DataFrame
@@ -76,6 +79,7 @@ class ConsensusSweep:
     suggested_k: int
     rule: str
     holdout_cells: np.ndarray = field(repr=False)
+    covariate_components: dict = field(repr=False, default_factory=dict)
 
 
 def _check_factors(X, H, W=None):
@@ -110,7 +114,7 @@ def _check_factors(X, H, W=None):
     return X, H, W
 
 
-def refit_usage(X, H) -> np.ndarray:
+def refit_usage(X, H, covariates=None, covariate_components=None) -> np.ndarray:
     """Non-negative usage of every cell for fixed programs: ``argmin_{W ≥ 0} ‖X − W H‖``.
 
     As :meth:`SemiNMF.transform <perturbnmf.SemiNMF.transform>`: exact (KKT) solutions, and usage
@@ -120,6 +124,9 @@ def refit_usage(X, H) -> np.ndarray:
     ----------
     X : ndarray or CSR matrix of shape (n_cells, n_genes)
     H : ndarray of shape (k, n_genes)
+    covariates : ndarray of shape (n_cells, b), optional
+        Known usage (e.g. batch indicators) whose part of the fit, ``covariates @
+        covariate_components`` (b × n_genes), is held fixed: ``argmin ‖X − Z H_cov − W H‖``.
 
     Returns
     -------
@@ -131,7 +138,10 @@ def refit_usage(X, H) -> np.ndarray:
         Shapes that do not match, or non-finite H.
     """
     X, H, _ = _check_factors(X, H)
-    W, _, _ = _nnls_rows_cd(_safe_X_Ht(X, H), H @ H.T)
+    B = _safe_X_Ht(X, H)
+    if covariates is not None:
+        B -= covariates @ (covariate_components @ H.T)
+    W, _, _ = _nnls_rows_cd(B, H @ H.T)
     return W
 
 
@@ -165,18 +175,47 @@ def holdout_error(X_holdout, H, gene_halves) -> float:
     H : ndarray of shape (k, n_genes)
     gene_halves : tuple of two index arrays partitioning the genes
     """
+    residual_sq, norm_sq = _holdout_residuals(X_holdout, H, gene_halves)
+    return float(np.sqrt(residual_sq.sum() / norm_sq)) if norm_sq > 0 else float("nan")
+
+
+def _holdout_residuals(X_holdout, H, gene_halves, covariates=None, covariate_components=None
+                       ) -> tuple[np.ndarray, float]:
+    """Per held-out cell, the squared bi-cross-validation residual over both gene halves.
+
+    With covariates (known usage, e.g. batch indicators) their fitted part is part of the
+    prediction, on both halves.
+
+    Returns
+    -------
+    residual_sq : ndarray of shape (n_cells,)
+    norm_sq : float
+        ‖X_holdout‖², the denominator of the relative error.
+    """
     X_holdout, H, _ = _check_factors(X_holdout, H)
-    residual_sq = norm_sq = 0.0
+    residual_sq = np.zeros(X_holdout.shape[0])
+    Z, H_cov = covariates, covariate_components
     for fit_genes, test_genes in (gene_halves, gene_halves[::-1]):
-        W = refit_usage(X_holdout[:, fit_genes], H[:, fit_genes])
+        W = refit_usage(X_holdout[:, fit_genes], H[:, fit_genes], Z, None if Z is None else H_cov[:, fit_genes])
         X_test, H_test = X_holdout[:, test_genes], H[:, test_genes]
-        block_norm = _squared_norm(X_test)
-        residual_sq += 2.0 * _objective(X_test, W, H_test, norm_X_sq=block_norm)
-        norm_sq += block_norm
-    return float(np.sqrt(residual_sq / norm_sq)) if norm_sq > 0 else float("nan")
+        if Z is not None:
+            W, H_test = np.hstack([W, Z]), np.vstack([H_test, H_cov[:, test_genes]])
+        residual_sq += _row_residuals(X_test, W, H_test)
+    return residual_sq, _squared_norm(X_holdout)
 
 
-def _fit_restart(X, k, seed, solver, init, max_iter, tol, threads):
+def _row_residuals(X, W, H, *, block_rows=4096) -> np.ndarray:
+    """``‖x_i − w_i H‖²`` per row, in row blocks (a sparse X is densified a block at a time)."""
+    out = np.empty(X.shape[0])
+    for start in range(0, X.shape[0], block_rows):
+        block = X[start:start + block_rows]
+        block = block.toarray() if sp.issparse(block) else np.asarray(block, dtype=np.float64)
+        R = block - W[start:start + block_rows] @ H
+        out[start:start + block_rows] = np.einsum("ij,ij->i", R, R)
+    return out
+
+
+def _fit_restart(X, Z, k, seed, model, solver, init, max_iter, tol, alpha_W, l1_ratio, threads):
     """One restart in a worker: limit threads, fit, return unit-norm programs and fit facts."""
     import numba
     from threadpoolctl import threadpool_limits
@@ -184,20 +223,23 @@ def _fit_restart(X, k, seed, solver, init, max_iter, tol, threads):
     numba.set_num_threads(threads)
     start = time.perf_counter()
     with threadpool_limits(threads):
-        model = SemiNMF(n_components=k, solver=solver, init=init, max_iter=max_iter, tol=tol, random_state=seed)
+        estimator = MODELS[model](n_components=k, solver=solver, init=init, max_iter=max_iter, tol=tol,
+                                  alpha_W=alpha_W, l1_ratio=l1_ratio, random_state=seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # non-convergence is counted in the table
-            model.fit(X)
-    H = model.components_
+            estimator.fit(X, covariates=Z)
+    H = estimator.components_
     norms = np.linalg.norm(H, axis=1, keepdims=True)
     return {
-        "k": k, "H": H / np.where(norms > 0, norms, 1.0), "objective": float(model.objective_[-1]),
-        "trace": model.objective_,
-        "n_iter": int(model.n_iter_), "converged": bool(model.converged_), "seconds": time.perf_counter() - start,
+        "k": k, "H": H / np.where(norms > 0, norms, 1.0), "H_cov": estimator.covariate_components_,
+        "objective": float(estimator.objective_[-1]),
+        "trace": estimator.objective_, "n_iter": int(estimator.n_iter_), "converged": bool(estimator.converged_),
+        "seconds": time.perf_counter() - start,
     }
 
 
-def _consensus_for_k(X_train, X_holdout, gene_halves, fits, k, n_restarts, solver, max_iter, tol, seed, threads):
+def _consensus_for_k(X_train, X_holdout, Z_train, Z_holdout, gene_halves, fits, k, n_restarts, model, solver,
+                     max_iter, tol, alpha_W, l1_ratio, density_threshold, seed, threads):
     """Cluster one k's restarts, polish the consensus, and measure it (runs in a worker)."""
     import numba
     from threadpoolctl import threadpool_limits
@@ -205,21 +247,30 @@ def _consensus_for_k(X_train, X_holdout, gene_halves, fits, k, n_restarts, solve
     numba.set_num_threads(threads)
     with threadpool_limits(threads):
         H_all = np.vstack([res["H"] for res in fits])
-        H_median, labels, stability = _cluster(H_all, k, n_restarts, seed)
-        W_train, H = _polish(X_train, H_median, solver, max_iter, tol)
+        kept = _dense_programs(H_all, n_restarts, density_threshold)
+        H_median, labels, stability, stability_se = _cluster(H_all, kept, k, n_restarts, seed)
+        H_cov = np.median([res["H_cov"] for res in fits], axis=0)  # covariates' loadings: aligned, no grouping
+        W_train, H, H_cov = _polish(X_train, H_median, H_cov, Z_train, model, solver, max_iter, tol, alpha_W,
+                                    l1_ratio)
         best = min(fits, key=lambda res: res["objective"])
+        residuals = (_holdout_residuals(X_holdout, H, gene_halves, Z_holdout, H_cov) if X_holdout is not None
+                     else None)
+        W_full, H_full = (W_train, H) if Z_train is None else (np.hstack([W_train, Z_train]), np.vstack([H, H_cov]))
         row = {
             "k": k,
-            "relative_error": relative_error(X_train, W_train, H),
-            "holdout_relative_error": holdout_error(X_holdout, H, gene_halves) if X_holdout is not None else np.nan,
+            "relative_error": relative_error(X_train, W_full, H_full),
+            "holdout_relative_error": (float(np.sqrt(residuals[0].sum() / residuals[1])) if residuals
+                                       and residuals[1] > 0 else np.nan),
             "best_restart_relative_error": _relative(best["objective"], _squared_norm(X_train)),
             "stability": stability,
+            "stability_se": stability_se,
             "n_restarts": n_restarts,
+            "n_outlier_programs": int((~kept).sum()),
             "median_n_iter": float(np.median([res["n_iter"] for res in fits])),
             "n_converged": int(sum(res["converged"] for res in fits)),
             "seconds": float(sum(res["seconds"] for res in fits)),
         }
-    return row, H, (H_all, labels), best["trace"]
+    return row, (H, H_cov), (H_all, labels), best["trace"], residuals
 
 
 def _relative(objective: float, norm_sq: float) -> float:
@@ -227,33 +278,66 @@ def _relative(objective: float, norm_sq: float) -> float:
     return float(np.sqrt(2.0 * objective / norm_sq)) if norm_sq > 0 else float("nan")
 
 
-def _cluster(H_all: np.ndarray, k: int, n_restarts: int, seed: int):
-    """Group the restarts' programs into k consensus programs; return (H, labels, silhouette).
+def _dense_programs(H_all: np.ndarray, n_restarts: int, density_threshold: float | None) -> np.ndarray:
+    """Which restart programs lie in a dense neighbourhood (cNMF's local-density filter).
 
+    A program's local density is its mean Euclidean distance (unit-norm rows) to its
+    ``max(1, round(0.3 · n_restarts))`` nearest programs of other restarts; programs farther
+    than ``density_threshold`` are outliers (a restart's blend or split of the real programs)
+    and take no part in the consensus median. ``None`` keeps all.
+
+    Returns
+    -------
+    kept : ndarray of bool, shape (n_restarts · k,)
+    """
+    kept = np.ones(len(H_all), dtype=bool)
+    if density_threshold is None or n_restarts < 2:
+        return kept
+    k = len(H_all) // n_restarts
+    restart = np.repeat(np.arange(n_restarts), k)
+    distance = np.sqrt(np.maximum(2.0 - 2.0 * (H_all @ H_all.T), 0.0))
+    distance[restart[:, None] == restart[None, :]] = np.inf  # a program's neighbours are other restarts'
+    n_neighbors = min(max(1, int(round(0.3 * n_restarts))), n_restarts - 1)
+    density = np.sort(distance, axis=1)[:, :n_neighbors].mean(axis=1)
+    kept = density <= density_threshold
+    return kept if kept.sum() >= k else density <= np.sort(density)[k - 1]  # never fewer than k programs
+
+
+def _cluster(H_all: np.ndarray, kept: np.ndarray, k: int, n_restarts: int, seed: int):
+    """Group the restarts' kept programs into k consensus programs; return (H, labels, stability, its SE).
+
+    Stability is the mean silhouette of the restart programs (cosine), its standard error the
+    SD of the programs' silhouettes over √(number of programs).
+
+    ``labels`` has one entry per restart program, −1 for the outliers left out (see
+    :func:`_dense_programs`); the silhouette is over all programs with outliers assigned to
+    their nearest group, so that disagreeing restarts lower it whether or not they are filtered.
     Degenerate restarts (fewer distinct programs than k, e.g. all-zero programs of an all-zero
     or low-rank X) leave groups empty: their consensus program is zero and the stability NaN
     wherever the silhouette (or, for k = 1, the cosine with the median) is undefined.
     """
     if k == 1:
         labels = np.zeros(len(H_all), dtype=int)
-        median_norm = np.linalg.norm(np.median(H_all, axis=0))
-        stability = (float(np.mean(H_all @ np.median(H_all, axis=0)) / median_norm) if median_norm > 0
-                     else float("nan"))
+        median_norm = np.linalg.norm(np.median(H_all[kept], axis=0))
+        scores = H_all @ np.median(H_all[kept], axis=0) / median_norm if median_norm > 0 else np.full(len(H_all), np.nan)
     else:
         with warnings.catch_warnings():
             # fewer distinct programs than k: KMeans warns and leaves clusters empty (handled below)
             warnings.filterwarnings("ignore", message="Number of distinct clusters", category=ConvergenceWarning)
-            labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(H_all)
+            kmeans = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(H_all[kept])
+        labels = kmeans.predict(H_all)
         n_labels = len(np.unique(labels))
         valid = n_restarts > 1 and 2 <= n_labels <= len(H_all) - 1  # silhouette's domain
-        stability = float(silhouette_score(H_all, labels, metric="cosine")) if valid else float("nan")
-    H = np.vstack([np.median(H_all[labels == c], axis=0) if np.any(labels == c) else np.zeros(H_all.shape[1])
-                   for c in range(k)])
+        scores = silhouette_samples(H_all, labels, metric="cosine") if valid else np.full(len(H_all), np.nan)
+    stability = float(np.mean(scores))
+    stability_se = float(np.std(scores, ddof=1) / np.sqrt(len(scores))) if len(scores) > 1 else float("nan")
+    H = np.vstack([np.median(H_all[kept & (labels == c)], axis=0) if np.any(kept & (labels == c))
+                   else np.zeros(H_all.shape[1]) for c in range(k)])
     norms = np.linalg.norm(H, axis=1, keepdims=True)
-    return H / np.where(norms > 0, norms, 1.0), labels, stability
+    return H / np.where(norms > 0, norms, 1.0), np.where(kept, labels, -1), stability, stability_se
 
 
-def _polish(X, H_median, solver, max_iter, tol):
+def _polish(X, H_median, H_cov, Z, model, solver, max_iter, tol, alpha_W=0.0, l1_ratio=0.0):
     """Fit once more from the consensus: usage refitted to the median programs, then the solver
     to tolerance. The median of restarts that disagree fits worse than any restart; this finds
     the nearby optimum, so the kept programs are the consensus ones, fitted.
@@ -262,35 +346,84 @@ def _polish(X, H_median, solver, max_iter, tol):
     -------
     W : ndarray of shape (n_cells, k)
     H : ndarray of shape (k, n_genes), unit L2 rows (their scale moved into W)
+    H_cov : ndarray of shape (b, n_genes)
+        The covariates' loadings (b = 0 without covariates).
     """
-    model = SemiNMF(n_components=H_median.shape[0], solver=solver, init="custom", max_iter=max_iter, tol=tol)
+    estimator = MODELS[model](n_components=H_median.shape[0], solver=solver, init="custom", max_iter=max_iter,
+                              tol=tol, alpha_W=alpha_W, l1_ratio=l1_ratio)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence is judged on the restarts
-        W = model.fit_transform(X, W=refit_usage(X, H_median))
-    norms = np.linalg.norm(model.components_, axis=1)
+        W = estimator.fit_transform(X, W=refit_usage(X, H_median, Z, H_cov), H=H_median, covariates=Z)
+    norms = np.linalg.norm(estimator.components_, axis=1)
     norms[norms == 0] = 1.0
-    return W * norms, model.components_ / norms[:, None]
+    return W * norms, estimator.components_ / norms[:, None], estimator.covariate_components_
 
 
-def suggest_k(table: pd.DataFrame, tolerance: float = ERROR_TOLERANCE) -> tuple[int, str]:
+def _holdout_excess(residuals: dict) -> pd.DataFrame:
+    """Per k, the held-out squared error in excess of the best k's and its standard error.
+
+    Both are relative to ‖X_holdout‖² and computed from paired per-cell differences
+    ``r_i(k) − r_i(k_best)``, so cell-to-cell variation common to all k cancels.
+    """
+    ks = sorted(residuals)
+    norm_sq = residuals[ks[0]][1]
+    best = min(ks, key=lambda k: residuals[k][0].sum())
+    rows = []
+    for k in ks:
+        difference = residuals[k][0] - residuals[best][0]
+        n = len(difference)
+        se = float(np.std(difference, ddof=1) * np.sqrt(n) / norm_sq) if n > 1 and norm_sq > 0 else np.nan
+        rows.append({"k": k, "holdout_excess": float(difference.sum() / norm_sq) if norm_sq > 0 else np.nan,
+                     "holdout_excess_se": se})
+    return pd.DataFrame(rows)
+
+
+def suggest_k(table: pd.DataFrame) -> tuple[int, str]:
     """The suggested k and the rule, stated for the report.
 
-    The smallest k whose consensus model's held-out relative error (training error without a
-    hold-out) is within ``tolerance`` (relative) of the lowest one in the sweep — the most
-    parsimonious model that predicts unseen cells about as well as the best, in the spirit of
-    the one-standard-error rule of cross-validation.
+    Two measured criteria, each judged against its own standard error:
+
+    1. **A floor from held-out cells** (columns ``holdout_excess``, ``holdout_excess_se``): the
+       smallest k whose held-out squared error exceeds the lowest by at most one standard error
+       of the per-cell paired difference — the one-standard-error rule of cross-validation.
+       Fewer programs predict unseen cells measurably worse. Above the floor the held-out error
+       cannot decide: each cell's usage is fitted from its own noisy counts, so an extra real
+       program costs about as much prediction as it brings.
+    2. **The largest reproducible k at or above the floor** (``stability``, ``stability_se``):
+       the largest k whose stability is within one standard error of the most stable k's. Too
+       few programs merge real ones the same way in every restart (still stable); too many
+       split them differently in each restart, and stability falls. The right k is the edge.
+
+    Without a hold-out the floor is the smallest k of the sweep.
     """
-    error = "holdout_relative_error" if table["holdout_relative_error"].notna().all() else "relative_error"
-    best_error = table[error].min()
-    within = table[table[error] <= best_error * (1 + tolerance)]
-    if within.empty:  # no error defined (all-zero cells): nothing favours a larger k
-        within = table
-    k = int(within["k"].min())
-    where = "held-out cells (programs learned without them)" if error.startswith("holdout") else "all cells"
-    rule = (f"Suggested k = {k}: the smallest k whose consensus model's relative error on {where} is within "
-            f"{tolerance:.0%} of the lowest in the sweep ({best_error:.4f}).")
-    if k == table["k"].max() and len(table) > 1:
-        rule += " It is the largest k tried: the error still falls, so larger k_values may fit better."
+    table = table.sort_values("k").reset_index(drop=True)
+    holdout = {"holdout_excess", "holdout_excess_se"} <= set(table) and table["holdout_excess"].notna().all()
+    if holdout:
+        within = table[table["holdout_excess"] <= table["holdout_excess_se"].fillna(0.0)]
+        floor = int(within["k"].min())
+        best_k = int(table.loc[table["holdout_excess"].idxmin(), "k"])
+        floor_text = (f"k = {floor} is the smallest k whose error on held-out cells (programs learned without them) "
+                      f"is within one standard error of the lowest (k = {best_k})")
+    else:
+        floor = int(table["k"].min())
+        floor_text = "no cells were held out, so every k of the sweep is considered"
+    candidates = table[(table["k"] >= floor) & np.isfinite(table["stability"])]
+    if len(candidates):
+        best = candidates.loc[candidates["stability"].idxmax()]
+        se = best["stability_se"] if "stability_se" in table and np.isfinite(best["stability_se"]) else 0.0
+        k = int(candidates.loc[candidates["stability"] >= best["stability"] - se, "k"].max())
+        rule = (f"Suggested k = {k}: {floor_text}; at or above it, k = {k} is the largest k whose stability "
+                f"({table.loc[table['k'] == k, 'stability'].iloc[0]:.3f}) is within one standard error of the "
+                f"highest (k = {int(best['k'])}, {best['stability']:.3f} ± {se:.3f}): beyond it restarts stop "
+                "agreeing.")
+    else:  # no stability (single restarts): the floor itself
+        k = floor
+        rule = f"Suggested k = {k}: {floor_text} (stability needs n_restarts ≥ 2)."
+    if len(table) > 1 and k in (table["k"].min(), table["k"].max()):
+        side = "smallest" if k == table["k"].min() else "largest"
+        beyond = "smaller" if side == "smallest" else "larger"
+        rule += (f" It is the {side} k tried: extend 'k_values' to {beyond} values to see whether the evidence "
+                 "continues past it.")
     stability = table.loc[table["k"] == k, "stability"].iloc[0]
     if np.isfinite(stability) and stability < LOW_STABILITY:
         rule += (f" Its stability is low ({stability:.2f}): restarts find different programs, so use the "
@@ -310,34 +443,49 @@ def consensus_sweep(
     X,
     k_values,
     *,
+    model: str = "nmf",
     n_restarts: int = 5,
     solver: str = "hals",
     init: str = "random",
     max_iter: int = 500,
     tol: float = 1e-4,
-    restart_tol: float = 1e-3,
+    alpha_W: float = 0.0,
+    l1_ratio: float = 0.0,
+    density_threshold: float | None = 0.5,
+    covariates=None,
     holdout_fraction: float = 0.1,
     random_state: int = 0,
     n_jobs: int | None = None,
     progress: bool | None = None,
 ) -> ConsensusSweep:
-    """Fit ``n_restarts`` semi-NMFs per k, measure error and stability, build consensus programs.
+    """Fit ``n_restarts`` factorisations per k, measure error and stability, build consensus programs.
 
     Parameters
     ----------
     X : ndarray or sparse matrix of shape (n_cells, n_genes)
-        Normalised expression (any sign). Sparse input is never densified.
+        Normalised expression (non-negative for ``model="nmf"``, any sign for "seminmf").
+        Sparse input is never densified.
     k_values : list of int
         Numbers of programs, each ``1 <= k < min(n_cells, n_genes)``.
+    model : {"nmf", "seminmf"}
+        :class:`~perturbnmf.NMF` (non-negative loadings, identifiable) or
+        :class:`~perturbnmf.SemiNMF` (signed loadings, the original analysis's model).
     n_restarts : int
         Fits per k from different random starts (≥ 1; stability needs ≥ 2).
     solver, init, max_iter
-        Passed to :class:`~perturbnmf.SemiNMF` (``init="random"`` so restarts differ).
+        Passed to the estimator (``init="random"`` so restarts differ).
     tol
-        Tolerance of the consensus model's final fit.
-    restart_tol
-        Tolerance of each restart: a restart only has to reach its basin to be clustered,
-        and stops 2x sooner at 1e-3 than at 1e-4 with an objective ~0.1 % higher.
+        Tolerance of every restart and of the consensus model's final fit. Restarts run to
+        the same tolerance as the final fit: stopped early they differ by where they stopped,
+        and their disagreement would read as instability of the programs.
+    alpha_W, l1_ratio : float
+        Usage penalty of the estimator (off by default).
+    density_threshold : float or None
+        Restart programs whose mean distance to their nearest programs of other restarts
+        exceeds this are left out of the consensus (cNMF's filter and default; None keeps all).
+    covariates : ndarray of shape (n_cells, b), optional
+        Known, fixed usage of every cell (e.g. one indicator column per batch): each covariate
+        gets loadings of its own (a batch's baseline expression) instead of taking programs.
     holdout_fraction : float
         Share of cells (in [0, 0.5]) held out: programs are learned on the rest, and the
         held-out error refits W on these cells with the programs fixed.
@@ -355,18 +503,21 @@ def consensus_sweep(
     Raises
     ------
     ValueError
-        ``n_restarts < 1``, ``holdout_fraction`` outside [0, 0.5], a k that is not
+        An unknown ``model``, ``n_restarts < 1``, ``holdout_fraction`` outside [0, 0.5], a k that is not
         ``1 <= k < min(n_training_cells, n_genes)``, or an X that is all zeros on the training
         cells.
     """
     k_values = sorted(int(k) for k in k_values)
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}.")
     if n_restarts < 1:
         raise ValueError(f"n_restarts must be >= 1, got {n_restarts}.")
     if not 0 <= holdout_fraction <= 0.5:
         raise ValueError(f"holdout_fraction must lie in [0, 0.5], got {holdout_fraction}.")
     # Validate and convert once (dtype, CSR), so workers receive the matrix they fit.
-    probe = SemiNMF(n_components=max(k_values), solver=solver)
+    probe = MODELS[model](n_components=max(k_values), solver=solver)
     X = probe._validate_X(X, reset=True)
+    probe._check_sign(X)
     n_cells = X.shape[0]
     rng = np.random.default_rng(np.random.SeedSequence(random_state).spawn(1)[0])
     n_holdout = int(round(holdout_fraction * n_cells))
@@ -374,6 +525,9 @@ def consensus_sweep(
     train = np.setdiff1d(np.arange(n_cells), holdout)
     X_train = X[train] if n_holdout else X
     X_holdout = X[holdout] if n_holdout else None
+    Z = None if covariates is None else probe._check_covariates(X, covariates)
+    Z_train = None if Z is None else Z[train]
+    Z_holdout = None if Z is None or not n_holdout else Z[holdout]
     gene_halves = np.array_split(rng.permutation(X.shape[1]), 2)
     probe._check_n_components(X_train)
     if _squared_norm(X_train) == 0:
@@ -403,22 +557,29 @@ def consensus_sweep(
             return parallel(delayed(function)(*args) for function, args in calls)
 
     restarts = list(_progress(
-        run((_fit_restart, (X_train, k, seed, solver, init, max_iter, restart_tol, threads)) for k, seed in tasks),
+        run((_fit_restart, (X_train, Z_train, k, seed, model, solver, init, max_iter, tol, alpha_W, l1_ratio, threads))
+            for k, seed in tasks),
         len(tasks), progress,
     ))
     fit_seconds = time.perf_counter() - start
     per_k = list(run(
-        (_consensus_for_k, (X_train, X_holdout, gene_halves, [res for res in restarts if res["k"] == k], k,
-                            n_restarts, solver, max_iter, tol, random_state, threads))
+        (_consensus_for_k, (X_train, X_holdout, Z_train, Z_holdout, gene_halves,
+                            [res for res in restarts if res["k"] == k], k,
+                            n_restarts, model, solver, max_iter, tol, alpha_W, l1_ratio, density_threshold,
+                            random_state, threads))
         for k in k_values
     ))
-    rows = [row for row, _, _, _ in per_k]
-    components = {k: H for k, (_, H, _, _) in zip(k_values, per_k)}
-    restart_components = {k: grouped for k, (_, _, grouped, _) in zip(k_values, per_k)}
-    best_traces = {k: trace for k, (_, _, _, trace) in zip(k_values, per_k)}
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame([row for row, _, _, _, _ in per_k])
+    components = {k: H for k, (_, (H, _), _, _, _) in zip(k_values, per_k)}
+    covariate_components = {k: H_cov for k, (_, (_, H_cov), _, _, _) in zip(k_values, per_k)}
+    restart_components = {k: grouped for k, (_, _, grouped, _, _) in zip(k_values, per_k)}
+    best_traces = {k: trace for k, (_, _, _, trace, _) in zip(k_values, per_k)}
+    if n_holdout:
+        residuals = {k: res for k, (_, _, _, _, res) in zip(k_values, per_k)}
+        table = table.merge(_holdout_excess(residuals), on="k")
     table.attrs["wall_seconds"] = time.perf_counter() - start
     table.attrs["fit_wall_seconds"] = fit_seconds
     table.attrs["n_jobs"], table.attrs["threads_per_job"] = n_jobs, threads
     suggested, rule = suggest_k(table)
-    return ConsensusSweep(table, components, restart_components, best_traces, suggested, rule, holdout)
+    return ConsensusSweep(table, components, restart_components, best_traces, suggested, rule, holdout,
+                          covariate_components)

@@ -1,15 +1,23 @@
-"""Step 2: consensus semi-NMF of the normalised selected genes over a sweep of k, stored PCA-style.
+"""Step 2: consensus factorisation of the normalised selected genes over a sweep of k, stored PCA-style.
 
-Results go where scanpy users look for them (cf. ``sc.pp.pca``):
+The model is NMF (``model="nmf"``, the default: usage and loadings ≥ 0, identifiable, so the
+programs are the real ones rather than blends) or the original analysis's semi-NMF
+(``model="seminmf"``: signed loadings). Results go where scanpy users look for them (cf.
+``sc.pp.pca``), under the same names for both models:
 
 * ``obsm['X_snmf']`` — cells × k program usage W (≥ 0), so ``sc.pl.embedding(adata, basis='snmf')`` works;
-* ``varm['snmf_loadings']`` — genes × k signed loadings Hᵀ (zeros for genes not factorised);
+* ``varm['snmf_loadings']`` — genes × k loadings Hᵀ (zeros for genes not factorised; ≥ 0 for NMF);
+* ``varm['snmf_gene_scores']`` — genes × k signed gene scores: each gene's change in normalised
+  expression per standard deviation of a program's usage, from one least-squares regression
+  of the expression on all programs' usage (with an intercept). Positive: genes the program
+  raises; negative: genes that fall as the program rises — how an NMF program (whose loadings
+  cannot be negative) shows the genes it lowers (cf. cNMF's gene spectra scores);
 * ``var['snmf_used']`` — the genes that entered the factorisation;
-* ``uns['snmf']`` — k (and the suggested k with its rule), solver, seed, restarts, iterations and
+* ``uns['snmf']`` — the model, k (and the suggested k with its rule), solver, seed, restarts, iterations and
   objective trace of the best restart, error, held-out error and stability per k (``sweep``),
   every restart's programs with their consensus group, program names.
 
-Semi-NMF is scale-ambiguous ((W D)(D⁻¹ H) fits equally well), so each program's loadings are
+Both models are scale-ambiguous ((W D)(D⁻¹ H) fits equally well), so each program's loadings are
 scaled to unit L2 norm and W absorbs the scale; programs are then ordered by total usage.
 """
 
@@ -24,6 +32,7 @@ import warnings
 
 from scipy.optimize import linear_sum_assignment
 
+from ._seminmf import _safe_Wt_X
 from .consensus import ConsensusSweep, consensus_sweep, refit_usage, relative_error
 from .preprocess import InputError
 
@@ -31,7 +40,8 @@ from .preprocess import InputError
 #: learn-half twin reaches this.
 REPRODUCED_COSINE = 0.8
 
-__all__ = ["factorize", "split_half", "program_names", "usage", "split_usage", "loadings", "normalize_factors"]
+__all__ = ["factorize", "split_half", "program_names", "usage", "split_usage", "loadings", "gene_scores",
+           "normalize_factors", "regression_scores", "baseline_design"]
 
 
 def program_names(k: int) -> list[str]:
@@ -63,6 +73,35 @@ def normalize_factors(W: np.ndarray, H: np.ndarray) -> tuple[np.ndarray, np.ndar
     return W[:, order], H[order], order
 
 
+def regression_scores(X, W: np.ndarray) -> np.ndarray:
+    """Least-squares coefficients of every gene's expression on the standardised usage.
+
+    ``X ≈ 1 b + Z B`` with ``Z`` the usage centred and scaled to unit standard deviation per
+    program: ``B[p, g]`` is gene g's change in expression per standard deviation of program
+    p's usage, the other programs held fixed. Computed from the Gram terms (X is never
+    centred or densified).
+
+    Parameters
+    ----------
+    X : ndarray or CSR matrix of shape (n_cells, n_genes)
+    W : ndarray of shape (n_cells, k)
+
+    Returns
+    -------
+    B : ndarray of shape (k, n_genes)
+        Zero rows for programs without variance.
+    """
+    n = W.shape[0]
+    mean = W.mean(axis=0)
+    sd = W.std(axis=0)
+    varying = sd > 0
+    Z = (W[:, varying] - mean[varying]) / sd[varying]
+    ZtX = _safe_Wt_X(X, np.ascontiguousarray(Z))  # Zᵀ X; Z has zero column means, so no centring of X
+    B = np.zeros((W.shape[1], X.shape[1]))
+    B[varying] = np.linalg.lstsq(Z.T @ Z / n, ZtX / n, rcond=None)[0]
+    return B
+
+
 def _check_k_values(k_values: list[int], n_cells: int, n_genes: int) -> None:
     limit = min(n_cells, n_genes)
     impossible = [k for k in k_values if k >= limit]
@@ -87,17 +126,29 @@ def factorize(
     n_jobs: int | None = None,
     layer: str = "normalized",
     mask_var: str = "highly_variable",
+    model: str = "nmf",
+    density_threshold: float | None = 0.5,
+    batch_key: str | None = None,
 ) -> ConsensusSweep:
-    """Consensus semi-NMF over a sweep of k on ``layers[layer]`` restricted to ``var[mask_var]``.
+    """Consensus factorisation over a sweep of k on ``layers[layer]`` restricted to ``var[mask_var]``.
 
-    For each k, ``n_restarts`` fits (see :func:`perturbnmf.consensus.consensus_sweep`) give
-    error, held-out error and stability; the kept model is the consensus for ``k`` (the
+    For each k, ``n_restarts`` fits of ``model`` (see :func:`perturbnmf.consensus.consensus_sweep`)
+    give error, held-out error and stability; the kept model is the consensus for ``k`` (the
     suggested k when ``k`` is None), with usage refitted on all cells. Writes
-    ``obsm['X_snmf']``, ``varm['snmf_loadings']``, ``var['snmf_used']`` and ``uns['snmf']``
-    (see module docstring) and returns the sweep.
+    ``obsm['X_snmf']``, ``varm['snmf_loadings']``, ``varm['snmf_gene_scores']``,
+    ``var['snmf_used']`` and ``uns['snmf']`` (see module docstring) and returns the sweep.
+
+    With ``model="nmf"`` every cell also has a fixed, known usage of 1 for its batch's baseline
+    (``obs[batch_key]``; one baseline for all cells without a batch key): the expression all
+    cells of a batch share gets its own loadings (``varm['snmf_baseline']``, genes × batches)
+    instead of taking programs, so the k programs are the programs (an NMF cannot subtract a
+    baseline). Semi-NMF keeps the original analysis's model, without baselines.
     """
     if k is not None and k not in k_values:
         raise ValueError(f"'k' ({k}) must be one of 'k_values' {k_values}, or None to use the suggested k.")
+    if model == "nmf" and solver != "hals":
+        raise ValueError(f"'solver' {solver!r} is the multiplicative rule of semi-NMF; with 'model' 'nmf' use "
+                         "'solver: hals', or set 'model: seminmf'.")
     if layer not in adata.layers:
         raise ValueError(f"Layer {layer!r} is missing; run the preprocess step first (it writes 'normalized').")
     if mask_var not in adata.var:
@@ -105,22 +156,33 @@ def factorize(
     used = adata.var[mask_var].to_numpy(dtype=bool)
     X = _used_matrix(adata, layer, mask_var)
     _check_k_values(k_values, *X.shape)
-    result = consensus_sweep(X, k_values, n_restarts=n_restarts, solver=solver, max_iter=max_iter, tol=tol,
+    levels, Z = baseline_design(adata, batch_key) if model == "nmf" else ([], None)
+    result = consensus_sweep(X, k_values, model=model, n_restarts=n_restarts, solver=solver, max_iter=max_iter,
+                             tol=tol, density_threshold=density_threshold, covariates=Z,
                              holdout_fraction=holdout_fraction, random_state=seed, n_jobs=n_jobs)
     chosen = result.suggested_k if k is None else k
-    H = result.components[chosen]
-    W, H, order = normalize_factors(refit_usage(X, H), H)
+    H, H_baseline = result.components[chosen], result.covariate_components[chosen]
+    W, H, order = normalize_factors(refit_usage(X, H, Z, H_baseline), H)
     position = np.argsort(order)  # consensus group -> program position
     names = program_names(chosen)
     loadings_all = np.zeros((adata.n_vars, chosen))
     loadings_all[used] = H.T
+    scores_all = np.zeros((adata.n_vars, chosen))
+    scores_all[used] = regression_scores(X, W).T
     table = result.table
     row = table.loc[table["k"] == chosen].iloc[0]
     adata.obsm["X_snmf"] = W.astype(np.float32)
     adata.varm["snmf_loadings"] = loadings_all
+    adata.varm["snmf_gene_scores"] = scores_all
+    if Z is not None:
+        baseline_all = np.zeros((adata.n_vars, len(levels)))
+        baseline_all[used] = H_baseline.T
+        adata.varm["snmf_baseline"] = baseline_all
     adata.var["snmf_used"] = used
     trace = np.asarray(result.best_traces[chosen], dtype=float)
     adata.uns["snmf"] = {
+        "model": model,
+        "baseline": {"batch_key": batch_key, "levels": list(levels)} if Z is not None else {},
         "k": int(chosen),
         "suggested_k": int(result.suggested_k),
         "k_rule": result.rule,
@@ -133,19 +195,45 @@ def factorize(
         "n_iter": int(len(trace)),
         "converged": bool(row["n_converged"] == n_restarts),
         "objective": trace,
-        "relative_error": float(relative_error(X, W, H)),
+        "relative_error": float(relative_error(X, *_with_baseline(W, H, Z, H_baseline))),
         "holdout_relative_error": float(row["holdout_relative_error"]),
         "stability": float(row["stability"]),
         "sweep": table,
         "restart_programs": result.restart_components[chosen][0],
-        "restart_labels": position[result.restart_components[chosen][1]].astype(np.int64),
+        "restart_labels": _restart_labels(result.restart_components[chosen][1], position),
         "params": {"k_values": [int(v) for v in k_values], "max_iter": int(max_iter), "tol": float(tol),
+                   "density_threshold": None if density_threshold is None else float(density_threshold),
                    "holdout_fraction": float(holdout_fraction), "layer": layer, "mask_var": mask_var,
                    "n_genes": int(used.sum()), "n_cells": int(adata.n_obs),
                    "n_jobs": int(table.attrs.get("n_jobs", 1)),
                    "sweep_seconds": float(table.attrs.get("wall_seconds", np.nan))},
     }
     return result
+
+
+def baseline_design(adata: ad.AnnData, batch_key: str | None) -> tuple[list[str], np.ndarray]:
+    """Each cell's known baseline usage: one indicator column per batch (a column of ones without a batch).
+
+    Returns
+    -------
+    levels : list of str
+        The batches (``["all cells"]`` without a batch key).
+    Z : ndarray of shape (n_cells, n_levels)
+    """
+    if batch_key is None:
+        return ["all cells"], np.ones((adata.n_obs, 1))
+    batch = pd.Categorical(adata.obs[batch_key].astype(str))
+    return [str(c) for c in batch.categories], np.eye(len(batch.categories))[batch.codes]
+
+
+def _with_baseline(W, H, Z, H_baseline):
+    """The full factors ``[W, Z]`` and ``[H; H_baseline]`` (W, H unchanged without a baseline)."""
+    return (W, H) if Z is None else (np.hstack([W, Z]), np.vstack([H, H_baseline]))
+
+
+def _restart_labels(labels: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """Consensus group -> program position for every restart program; outliers (−1) stay −1."""
+    return np.where(labels >= 0, position[np.maximum(labels, 0)], -1).astype(np.int64)
 
 
 def _used_matrix(adata: ad.AnnData, layer: str, mask_var: str):
@@ -186,15 +274,20 @@ def split_half(adata: ad.AnnData, groups_key: str, n_restarts: int = 5, solver: 
         cells = rng.permutation(np.flatnonzero(labels == label))
         learn[cells[: (len(cells) + 1) // 2]] = True
     # the same consensus procedure as the kept model, on the learn half alone
-    learned = consensus_sweep(X[learn], [info["k"]], n_restarts=n_restarts, solver=solver, max_iter=max_iter,
-                              tol=tol, holdout_fraction=0.0, random_state=seed, n_jobs=n_jobs, progress=False)
-    H_learn = learned.components[info["k"]]
+    baseline = info.get("baseline") or {}
+    Z = baseline_design(adata, baseline["batch_key"])[1] if baseline else None
+    learned = consensus_sweep(X[learn], [info["k"]], model=info.get("model", "seminmf"), n_restarts=n_restarts,
+                              solver=solver, max_iter=max_iter, tol=tol,
+                              density_threshold=info["params"].get("density_threshold"),
+                              covariates=None if Z is None else Z[learn], holdout_fraction=0.0,
+                              random_state=seed, n_jobs=n_jobs, progress=False)
+    H_learn, H_baseline = learned.components[info["k"]], learned.covariate_components[info["k"]]
     H_kept = adata.varm["snmf_loadings"][adata.var[mask_var].to_numpy(dtype=bool)].T
     cosine = H_kept @ H_learn.T  # kept rows are unit norm
     _, twin = linear_sum_assignment(cosine, maximize=True)  # square: rows come back as 0..k-1
     H_matched = H_learn[twin]
     W_split = np.full((adata.n_obs, info["k"]), np.nan, dtype=np.float32)
-    W_split[~learn] = refit_usage(X[~learn], H_matched)
+    W_split[~learn] = refit_usage(X[~learn], H_matched, None if Z is None else Z[~learn], H_baseline)
     adata.obs["snmf_half"] = pd.Categorical(np.where(learn, "learn", "test"), categories=["learn", "test"])
     adata.obsm["X_snmf_split"] = W_split
     match = pd.DataFrame({"program": info["program_names"], "cosine": cosine[np.arange(len(twin)), twin]})
@@ -216,8 +309,15 @@ def usage(adata: ad.AnnData) -> pd.DataFrame:
 
 
 def loadings(adata: ad.AnnData) -> pd.DataFrame:
-    """Signed loadings of the factorised genes, genes × programs."""
+    """Loadings H of the factorised genes (signed for semi-NMF, ≥ 0 for NMF), genes × programs."""
+    return _per_gene(adata, "snmf_loadings")
+
+
+def gene_scores(adata: ad.AnnData) -> pd.DataFrame:
+    """Signed gene scores of the factorised genes, genes × programs (see the module docstring)."""
+    return _per_gene(adata, "snmf_gene_scores")
+
+
+def _per_gene(adata: ad.AnnData, key: str) -> pd.DataFrame:
     used = adata.var["snmf_used"].to_numpy(dtype=bool)
-    return pd.DataFrame(
-        adata.varm["snmf_loadings"][used], index=adata.var_names[used], columns=adata.uns["snmf"]["program_names"]
-    )
+    return pd.DataFrame(adata.varm[key][used], index=adata.var_names[used], columns=adata.uns["snmf"]["program_names"])

@@ -227,7 +227,9 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "gene_sets": lambda v: None if v and all(s.strip() for s in v) else "must list at least one gene-set library (GMT file or Enrichr name)",
     "k_values": _k_values,
     "k": _positive_int,
+    "model": _choice("nmf", "seminmf"),
     "solver": _choice("hals", "mu"),
+    "density_threshold": lambda v: None if 0 < v <= 2 else "must lie in (0, 2] (a distance between unit vectors; 2 keeps every restart program)",
     "n_restarts": _positive_int,
     "holdout_fraction": lambda v: None if 0 <= v <= 0.5 else "must lie in [0, 0.5]",
     "n_jobs": _positive_int,
@@ -312,6 +314,9 @@ def validate(values: dict[str, Any], declared: dict[str, Parameter], source: str
         problems.append(
             f"'k' ({merged['k']}) must be one of 'k_values' {merged['k_values']}: add it to the sweep or pick one of them."
         )
+    if merged.get("model") == "nmf" and merged.get("solver") == "mu":
+        problems.append("'solver' 'mu' is the multiplicative rule of semi-NMF; with 'model' 'nmf' use 'solver: hals', "
+                        "or set 'model: seminmf'.")
     if merged.get("hvg_min_mean") is not None and merged.get("hvg_max_mean") is not None:
         if merged["hvg_min_mean"] >= merged["hvg_max_mean"]:
             problems.append("'hvg_min_mean' must be smaller than 'hvg_max_mean'.")

@@ -213,39 +213,71 @@ def show_cell_cycle(adata, summary: dict[str, Any], perturbation_key: str) -> No
     plt.show()
 
 
+#: model -> how the factorize report introduces it.
+_MODEL_INTROS = {
+    "nmf": "NMF writes the log-normalised expression of the selected genes as <b>X ≈ W H</b>: <b>W</b> (cells × k, "
+           "non-negative) is how much each cell uses each program, <b>H</b> (k × genes, non-negative) the program's "
+           "gene loadings. Both factors being non-negative makes the programs identifiable (the real programs, not "
+           "blends of them), which is why NMF is the default (README, 'Which model'). Every batch's baseline "
+           "expression, shared by all its cells, has loadings of its own (fixed usage 1 for the batch's cells), so "
+           "the k programs are what varies between cells. Genes a program lowers show as negative <i>gene "
+           "scores</i> (regression of expression on usage).",
+    "seminmf": "Semi-NMF (the original analysis's model) writes the normalised expression of the selected genes as "
+               "<b>X ≈ W H</b>: <b>W</b> (cells × k, non-negative) is how much each cell uses each program, <b>H</b> "
+               "(k × genes, signed) the program's gene loadings. Signed loadings leave the programs defined only up "
+               "to mixing (W → WQ, H → Q⁻¹H), so they can come out as blends of the real ones.",
+}
+
+
+def factorize_intro(model: str) -> str:
+    """The factorize report's opening paragraph for ``model``."""
+    return (_MODEL_INTROS[model] + " For every k several restarts are fitted; the error on held-out cells and the "
+            "restarts' agreement (stability) suggest k, and the kept model is the consensus of the restarts.")
+
+
+def model_name(info: dict) -> str:
+    """'NMF' or 'semi-NMF', as ``uns['snmf']`` records the model."""
+    return {"nmf": "NMF", "seminmf": "semi-NMF"}[info.get("model", "seminmf")]
+
+
 def show_k_selection(adata, k_table: pd.DataFrame, paths) -> None:
     """The sweep table, the rule that suggested k and the k-selection plot; k_selection.json for the index."""
     info = adata.uns["snmf"]
     paths.k_selection_json.write_text(json.dumps(
-        {key: info[key] for key in ("k", "suggested_k", "k_rule", "k_source", "relative_error",
+        {key: info[key] for key in ("model", "k", "suggested_k", "k_rule", "k_source", "relative_error",
                                     "holdout_relative_error", "stability")}, indent=2))
-    report.table(k_table, f"Per k, {info['n_restarts']} semi-NMF restarts ({info['solver']} solver) on "
+    report.table(k_table, f"Per k, {info['n_restarts']} {model_name(info)} restarts ({info['solver']} solver) on "
                  f"{1 - info['params']['holdout_fraction']:.0%} of the cells: relative error of the consensus model "
-                 "on those cells and on the held-out cells (usage refitted, programs fixed), of the best single "
-                 "restart, stability (silhouette of all restarts' unit-norm programs grouped into k consensus "
-                 "programs; 1 = every restart finds the same programs), median iterations, restarts that "
-                 "converged, fit time summed over restarts.", max_rows=50)
+                 "on those cells and on the held-out cells (each held-out cell's usage fitted on half of the genes "
+                 "predicts the other half), of the best single restart, stability (silhouette of all restarts' "
+                 "unit-norm programs grouped into k consensus programs; 1 = every restart finds the same programs), "
+                 "restart programs left out of the consensus as outliers (local density), median iterations, "
+                 "restarts that converged, fit time summed over restarts; holdout_excess: held-out squared error "
+                 "above the best k's, with its standard error over cells (paired).", max_rows=50)
     chosen = (f"Kept k = {info['k']}, the suggested k." if info["k_source"] == "suggested"
               else f"Kept k = {info['k']}, set by the parameter k (the suggestion was {info['suggested_k']}).")
     report.note(f"{info['k_rule']} {chosen}")
     plotting.k_selection(k_table, info["k"], info["suggested_k"])
     plt.show()
     if info["stability"] < 0.5:
+        why = (" Semi-NMF is unique only up to mixing programs (W → WQ with H free); model: nmf gives identifiable "
+               "programs." if info.get("model") == "seminmf" else "")
         report.warning(
-            f"Stability at k = {info['k']} is {info['stability']:.2f}: restarts find different programs. "
-            "Semi-NMF is unique only up to mixing programs (W → WQ with H free), so the consensus programs "
-            "are the medians of groups that differ; interpret single programs with care."
+            f"Stability at k = {info['k']} is {info['stability']:.2f}: restarts find different programs, so the "
+            f"consensus programs are the medians of groups that differ; interpret single programs with care.{why}"
         )
 
 
 def show_factorization(adata) -> None:
     info = adata.uns["snmf"]
     report.note(
-        f"The kept model is the consensus of {info['n_restarts']} restarts at k = {info['k']}: each program is the "
-        "median of its group of restart programs, and every cell's usage is refitted to them by non-negative "
-        f"least squares. Relative error {info['relative_error']:.4f} on all cells, "
-        f"{info['holdout_relative_error']:.4f} on held-out cells; stability {info['stability']:.2f}. Stored in "
-        "obsm['X_snmf'] (usage), varm['snmf_loadings'] (loadings, unit L2 norm per program) and uns['snmf']."
+        f"The kept model is the {model_name(info)} consensus of {info['n_restarts']} restarts at k = {info['k']}: "
+        "each program is the median of its group of restart programs (outliers left out), fitted once more from "
+        "there, and every cell's usage is refitted to them by non-negative least squares. Relative error "
+        f"{info['relative_error']:.4f} on all cells, {info['holdout_relative_error']:.4f} on held-out cells; "
+        f"stability {info['stability']:.2f}. Stored in obsm['X_snmf'] (usage), varm['snmf_loadings'] (loadings, unit "
+        "L2 norm per program), varm['snmf_gene_scores'] (signed gene scores), varm['snmf_baseline'] (NMF: each "
+        "batch's baseline) and uns['snmf']."
     )
     plotting.restart_similarity(info["restart_programs"], np.asarray(info["restart_labels"]), info["program_names"])
     plt.show()
@@ -253,15 +285,18 @@ def show_factorization(adata) -> None:
         report.warning("Not every restart of the kept k converged within max_iter: raise max_iter or tol.")
 
 
-def _planted_weights(adata) -> tuple[np.ndarray, list[str]]:
-    used = adata.var["snmf_used"].to_numpy(dtype=bool)
-    return adata.varm["simulation_weights"][used], list(adata.uns["simulation"]["program_names"])
+def _planted_and_recovered_scores(adata) -> tuple[np.ndarray, list[str], pd.DataFrame]:
+    """Gene scores of the planted programs (expression regressed on the planted usage) and of the
+    recovered ones: the same scale for any model, so signed and non-negative loadings compare alike."""
+    info = adata.uns["snmf"]
+    X = factorize._used_matrix(adata, info["params"]["layer"], info["params"]["mask_var"])
+    planted = factorize.regression_scores(X, np.asarray(adata.obsm["simulation_usage"], dtype=float)).T
+    return planted, list(adata.uns["simulation"]["program_names"]), factorize.gene_scores(adata)
 
 
 def _program_match(adata) -> pd.DataFrame:
-    weights, names = _planted_weights(adata)
-    loadings = factorize.loadings(adata)
-    return evaluation.match_programs(weights, loadings.to_numpy(), names, list(loadings.columns))
+    planted, names, scores = _planted_and_recovered_scores(adata)
+    return evaluation.match_programs(planted, scores.to_numpy(), names, list(scores.columns))
 
 
 def _update_recovery(paths, values: dict[str, Any]) -> None:
@@ -271,13 +306,13 @@ def _update_recovery(paths, values: dict[str, Any]) -> None:
 
 
 def show_program_recovery(adata, paths) -> None:
-    """Demo only: how well the planted programs were recovered (cosine of loadings)."""
-    weights, names = _planted_weights(adata)
-    loadings = factorize.loadings(adata)
-    match = evaluation.match_programs(weights, loadings.to_numpy(), names, list(loadings.columns))
-    similarity = evaluation.program_similarity(weights, loadings.to_numpy(), names, list(loadings.columns))
+    """Demo only: how well the planted programs were recovered (cosine of gene scores)."""
+    planted, names, scores = _planted_and_recovered_scores(adata)
+    match = evaluation.match_programs(planted, scores.to_numpy(), names, list(scores.columns))
+    similarity = evaluation.program_similarity(planted, scores.to_numpy(), names, list(scores.columns))
     report.table(match, "Truth check (simulated data): each planted program matched one-to-one to a recovered "
-                        "program (Hungarian matching on the cosine similarity of gene loadings).")
+                        "program (Hungarian matching on the cosine similarity of gene scores: each gene's expression "
+                        "regressed on the recovered usage, and on the planted usage for the planted programs).")
     plotting.similarity_heatmap(similarity)
     plt.show()
     _update_recovery(paths, {"mean_program_cosine": float(match["cosine"].mean()),
@@ -381,11 +416,13 @@ def contrast_method(test: str, batch_key: str | None) -> str:
 
 
 def show_hits(hits: pd.DataFrame, method: str, batch_key: str | None, fdr: float) -> None:
-    columns = [c for c in ("perturbation", "program", "n_cells", "effect", "effect_std", "statistic", "qvalue",
+    columns = [c for c in ("perturbation", "program", "role", "n_cells", "effect", "effect_std", "statistic", "qvalue",
                            "consistency", "guide_heterogeneity_pvalue") if c in hits.columns]
     report.table(hits[columns], f"Perturbation × program pairs with q < {fdr}: {_TESTS[method].format(batch=batch_key)}"
                  "; effect_std = effect / pooled SD (Cohen's d), q = Benjamini–Hochberg over all perturbation × "
-                 "program tests; consistency counts the target's guides and the batches whose own effect has the "
+                 f"program tests; role: primary = the perturbation's largest |d| and any within "
+                 f"{stats.PRIMARY_SHARE:.0%} of it, secondary = a smaller shift of another program (spill-over); "
+                 "consistency counts the target's guides and the batches whose own effect has the "
                  "same sign; guide_heterogeneity_pvalue tests whether the target's guides differ from each other.")
 
 
@@ -412,7 +449,8 @@ def show_split_half_programs(adata, match: pd.DataFrame) -> None:
     wide = pd.DataFrame([match["cosine"].to_numpy(dtype=float)], columns=match["program"].tolist())
     wide.insert(0, "", "cosine with the learn-half twin")
     report.table(wide,
-                 f"Consensus semi-NMF with the same k, refitted on a random half of every perturbation group "
+                 f"Consensus {model_name(adata.uns['snmf'])} with the same k, refitted on a random half of every "
+                 "perturbation group "
                  f"({info['n_learn']} cells); each kept program and the cosine of its loadings with its matched "
                  f"learn-half twin. {reproduced} of {len(match)} programs are reproduced (cosine ≥ {min_cosine}). "
                  f"The other {info['n_test']} cells' usage of the learn-half programs is in obsm['X_snmf_split']; "
@@ -475,8 +513,9 @@ def show_top_genes(top: pd.DataFrame, n_shown: int = 10) -> None:
     wide = (top[top["rank"] <= n_shown].groupby(["program", "side"])["gene"]
             .apply(lambda genes: ", ".join(genes)).unstack("side").reindex(columns=["positive", "negative"]))
     report.table(wide.reset_index().fillna("–"),
-                 f"The {n_shown} genes with the largest positive and the most negative loadings per program "
-                 "(loadings are signed; each side is its own gene list). All top genes are in top_genes.csv.",
+                 f"The {n_shown} genes with the largest positive and the most negative gene scores per program: "
+                 "positive = expression rises with the program's usage, negative = it falls (each side is its own "
+                 "gene list). All top genes are in top_genes.csv.",
                  max_rows=200)
 
 
@@ -502,8 +541,8 @@ def show_program_labels(labels: pd.DataFrame, fdr: float) -> None:
     shown = labels[["program", "label", "library", "term", "qvalue"]]
     n_terms = int((labels["source"] == "term").sum())
     report.table(shown, f"A short label per program, used in the figures below and in the summary: the gene set with "
-                        f"the smallest q (< {fdr}) over every library among the positive loadings (↑), else among the "
-                        f"negative loadings (↓), else the program's three top genes. {n_terms} of {len(labels)} programs are labelled by a "
+                        f"the smallest q (< {fdr}) over every library among the positive gene scores (↑), else among "
+                        f"the negative gene scores (↓), else the program's three top genes. {n_terms} of {len(labels)} programs are labelled by a "
                         "gene set. Table: program_labels.csv.", max_rows=100)
 
 
@@ -549,10 +588,11 @@ def labelled_hits(paths, label_of: dict[str, str], fdr: float) -> pd.DataFrame:
     contrasts.insert(2, "label", contrasts["program"].map(label_of))
     hits = stats.significant_pairs(contrasts, fdr)
     hits.to_csv(paths.perturbation_hits, index=False)
-    columns = [c for c in ("perturbation", "label", "effect", "effect_std", "qvalue", "consistency", "qvalue_split")
-               if c in hits.columns]
+    columns = [c for c in ("perturbation", "label", "role", "effect", "effect_std", "qvalue", "consistency",
+                           "qvalue_split") if c in hits.columns]
     report.table(hits[columns], f"The perturbation → program hits of step 3 (q < {fdr}), each program named by its "
-                                "label: effect = shift of mean usage against control cells, effect_std = Cohen's d, "
+                                "label: role = primary (the perturbation's strongest programs) or secondary "
+                                "(spill-over), effect = shift of mean usage against control cells, effect_std = Cohen's d, "
                                 "consistency = guides and batches agreeing in sign, qvalue_split = the test on half "
                                 "of the cells with programs learned on the other half. All: perturbation_hits.csv.")
     return contrasts

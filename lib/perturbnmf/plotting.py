@@ -143,7 +143,11 @@ def k_selection(table: pd.DataFrame, k: int, suggested_k: int):
 
 
 def restart_similarity(programs: np.ndarray, labels: np.ndarray, names: list[str] | None = None):
-    """Cosine similarity of every restart's programs, grouped by consensus program (cNMF's clustergram)."""
+    """Cosine similarity of every restart's programs, grouped by consensus program (cNMF's clustergram).
+
+    ``labels[i]`` is restart program i's consensus program, −1 for an outlier left out of the
+    consensus (drawn first, as the group "outliers").
+    """
     order = np.argsort(labels, kind="stable")
     similarity = programs[order] @ programs[order].T
     fig, ax = plt.subplots(figsize=(7, 6))
@@ -155,7 +159,8 @@ def restart_similarity(programs: np.ndarray, labels: np.ndarray, names: list[str
     starts = np.concatenate([[0], np.ceil(bounds).astype(int)])
     stops = np.concatenate([np.ceil(bounds).astype(int), [len(order)]])
     centres = (starts + stops - 1) / 2
-    ticks = names if names is not None else [f"group {c + 1}" for c in range(len(centres))]
+    present = np.unique(labels)
+    ticks = [("outliers" if c < 0 else names[c] if names is not None else f"group {c + 1}") for c in present]
     ax.set_xticks(centres)
     ax.set_xticklabels(ticks, rotation=90, fontsize=7)
     ax.set_yticks(centres)

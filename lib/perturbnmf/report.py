@@ -35,7 +35,7 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 #: step name -> (notebook file stem, title)
 STEPS = {
     "preprocess": ("01_preprocess", "1 · Preprocess: QC, normalisation, cell cycle, gene selection"),
-    "factorize": ("02_factorize", "2 · Factorise: semi-NMF gene programs"),
+    "factorize": ("02_factorize", "2 · Factorise: gene programs (consensus NMF or semi-NMF)"),
     "stats": ("03_stats", "3 · Statistics: which perturbations shift which programs"),
     "enrichment": ("04_enrichment", "4 · Enrichment: what each program is"),
 }
@@ -215,7 +215,7 @@ def _frame_html(frame: pd.DataFrame) -> str:
 
 #: columns of the summary's hit table, in order, when present (name in the file -> heading)
 _HIT_COLUMNS = {
-    "perturbation": "perturbation", "program": "program", "label": "program label", "n_cells": "cells",
+    "perturbation": "perturbation", "program": "program", "label": "program label", "role": "role", "n_cells": "cells",
     "effect": "effect", "effect_std": "d", "qvalue": "q", "consistency": "guides / batches agree",
     "qvalue_split": "q, split half",
 }
@@ -237,6 +237,8 @@ def _top_hits_html(paths: RunPaths, fdr: float, n_hits: int) -> str:
             "all perturbation × program tests"
             + (", the program label its most enriched gene set (step 4)" if labelled else
                "; program labels appear once step 4 has run")
+            + ("; role: primary = the perturbation's strongest programs, secondary = a smaller spill-over onto "
+               "another program" if "role" in top.columns else "")
             + ("; guides / batches agree counts the guides and batches whose own effect has the same sign"
                if "consistency" in top.columns else "")
             + ("; q, split half is the test on half of the cells with programs learned on the other half"
@@ -250,11 +252,13 @@ def _top_hits_html(paths: RunPaths, fdr: float, n_hits: int) -> str:
 def write_index(paths: RunPaths, record: dict[str, Any], fdr: float = 0.05, n_hits: int = 15) -> Path:
     """``index.html``: the answer first (top hits), then links, timings, parameters, provenance."""
     parts = [f"<h1>perturbnmf report: {html.escape(record['parameters'].get('run_name', ''))}</h1>"]
-    parts.append('<p>Gene programs learned by semi-NMF from a Perturb-seq screen, the perturbations that shift '
-                 'them against non-targeting controls, and the gene sets that describe them.</p>')
+    parts.append('<p>Gene programs learned from a Perturb-seq screen by consensus matrix factorisation, the '
+                 'perturbations that shift them against non-targeting controls, and the gene sets that describe '
+                 'them.</p>')
     cards = []
     if paths.k_selection_json.exists():
         selection = json.loads(paths.k_selection_json.read_text())
+        cards.append(("model", {"nmf": "NMF", "seminmf": "semi-NMF"}.get(selection.get("model"), "semi-NMF")))
         cards.append(("programs (k)", selection["k"]))
         cards.append(("suggested k", selection["suggested_k"]))
         cards.append(("held-out relative error", f"{selection['holdout_relative_error']:.3f}"))

@@ -49,6 +49,7 @@ import pandas as pd
 from scipy import stats as _sps
 
 __all__ = [
+    "mark_primary",
     "benjamini_hochberg",
     "program_anova",
     "program_contrasts",
@@ -1222,6 +1223,31 @@ def control_null(
     table["qvalue"] = benjamini_hochberg(table["pvalue"].to_numpy())
     table["null_split"] = split
     return table
+
+
+#: A hit is primary when its |d| is at least this share of its perturbation's largest hit |d|.
+PRIMARY_SHARE = 0.5
+
+
+def mark_primary(contrasts: pd.DataFrame, fdr: float, share: float = PRIMARY_SHARE) -> pd.DataFrame:
+    """Which of a perturbation's hits are its primary programs, which are spill-over.
+
+    A perturbation that moves one program also moves others a little (programs share genes;
+    after normalisation a program's rise lowers every other gene's share). Among each
+    perturbation's hits (``qvalue < fdr``) the one with the largest ``|effect_std|`` and every
+    hit whose ``|effect_std|`` reaches ``share`` of it are *primary*; the rest *secondary*.
+
+    Returns
+    -------
+    DataFrame
+        ``contrasts`` with a column ``role``: "primary", "secondary", or "" for non-hits.
+    """
+    out = contrasts.copy()
+    hit = (out["qvalue"] < fdr).to_numpy()
+    size = out["effect_std"].abs().where(hit)
+    largest = size.groupby(out["perturbation"]).transform("max")
+    out["role"] = np.where(~hit, "", np.where(size >= share * largest, "primary", "secondary"))
+    return out
 
 
 def significant_pairs(contrasts: pd.DataFrame, fdr: float) -> pd.DataFrame:
