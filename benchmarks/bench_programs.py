@@ -77,8 +77,8 @@ SEED_TOLERANCE = 0.01
 
 def screen(size: str, seed: int):
     """Simulate and preprocess one screen as the pipeline's step 1 does with its defaults."""
-    adata = simulate.simulate_screen(n_genes=2000, n_programs=PLANTED_K, seed=seed, n_down_genes=40,
-                                     guide_efficacy=(0.5, 1.0), expression="mixture", **SIZES[size])
+    adata = simulate.simulate_screen(n_genes=2000, n_programs=PLANTED_K, seed=seed, **simulate.DEMO_DESIGN,
+                                     **SIZES[size])
     counts = adata.copy()
     adata = pnmf.pp.filter_cells_and_genes(adata, mito_prefix="MT-", min_counts_per_cell=0, min_genes_per_cell=0,
                                           max_pct_mito=100.0, min_cells_per_gene=3)

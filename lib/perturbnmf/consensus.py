@@ -378,6 +378,38 @@ def _holdout_excess(residuals: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _reproducible_edge(candidates: pd.DataFrame) -> tuple[int, pd.Series, float]:
+    """Walk up k from the floor while stability stays within tolerance of the best so far.
+
+    The tolerance is the larger of the best k's standard error and ``1 / (n_restarts · k)``: one of
+    its restart programs switching from agreeing to disagreeing moves the mean silhouette by
+    that much, so smaller differences between stabilities near 1 carry no information.
+
+    Returns
+    -------
+    k : int
+        The last k reached.
+    best : Series
+        The row of the most stable k reached.
+    tolerance : float
+    """
+    rows = [row for _, row in candidates.sort_values("k").iterrows()]
+    best, k = rows[0], int(rows[0]["k"])
+    for row in rows[1:]:
+        tolerance = _stability_tolerance(best)
+        if row["stability"] < best["stability"] - tolerance:
+            break
+        k = int(row["k"])
+        if row["stability"] > best["stability"]:
+            best = row
+    return k, best, _stability_tolerance(best)
+
+
+def _stability_tolerance(row: pd.Series) -> float:
+    se = row.get("stability_se", np.nan)
+    return max(se if np.isfinite(se) else 0.0, 1.0 / (row["n_restarts"] * row["k"]))
+
+
 def suggest_k(table: pd.DataFrame) -> tuple[int, str]:
     """The suggested k and the rule, stated for the report.
 
@@ -389,10 +421,12 @@ def suggest_k(table: pd.DataFrame) -> tuple[int, str]:
        Fewer programs predict unseen cells measurably worse. Above the floor the held-out error
        cannot decide: each cell's usage is fitted from its own noisy counts, so an extra real
        program costs about as much prediction as it brings.
-    2. **The largest reproducible k at or above the floor** (``stability``, ``stability_se``):
-       the largest k whose stability is within one standard error of the most stable k's. Too
-       few programs merge real ones the same way in every restart (still stable); too many
-       split them differently in each restart, and stability falls. The right k is the edge.
+    2. **The edge of reproducibility** (``stability``, ``stability_se``): from the floor up,
+       the last k before stability falls below the highest so far by more than a tolerance
+       (:func:`_reproducible_edge`). Too few programs merge real ones the same way in every
+       restart (still stable); too many split them differently in each restart, and stability
+       falls. The right k is the edge; a later recovery at much larger k (programs split into
+       many small, consistent pieces) is not followed.
 
     Without a hold-out the floor is the smallest k of the sweep.
     """
@@ -409,13 +443,11 @@ def suggest_k(table: pd.DataFrame) -> tuple[int, str]:
         floor_text = "no cells were held out, so every k of the sweep is considered"
     candidates = table[(table["k"] >= floor) & np.isfinite(table["stability"])]
     if len(candidates):
-        best = candidates.loc[candidates["stability"].idxmax()]
-        se = best["stability_se"] if "stability_se" in table and np.isfinite(best["stability_se"]) else 0.0
-        k = int(candidates.loc[candidates["stability"] >= best["stability"] - se, "k"].max())
-        rule = (f"Suggested k = {k}: {floor_text}; at or above it, k = {k} is the largest k whose stability "
-                f"({table.loc[table['k'] == k, 'stability'].iloc[0]:.3f}) is within one standard error of the "
-                f"highest (k = {int(best['k'])}, {best['stability']:.3f} ± {se:.3f}): beyond it restarts stop "
-                "agreeing.")
+        k, best, tolerance = _reproducible_edge(candidates)
+        rule = (f"Suggested k = {k}: {floor_text}; from there up, k = {k} is the last k whose stability "
+                f"({table.loc[table['k'] == k, 'stability'].iloc[0]:.3f}) stays as high as the highest so far "
+                f"(k = {int(best['k'])}, {best['stability']:.3f}) within {tolerance:.3f} (its standard error or one "
+                "restart program's share of it, whichever is larger): beyond it restarts stop agreeing.")
     else:  # no stability (single restarts): the floor itself
         k = floor
         rule = f"Suggested k = {k}: {floor_text} (stability needs n_restarts ≥ 2)."

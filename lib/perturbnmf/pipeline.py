@@ -56,7 +56,7 @@ def write_simulated_inputs(input_path: str, gene_sets_path: str, cell_cycle_path
                 "set 'simulate: false' to analyse it, or point 'input' at a new file."
             )
     target.parent.mkdir(parents=True, exist_ok=True)
-    adata = simulate.simulate_screen(n_cells=n_cells, n_genes=n_genes, seed=seed)
+    adata = simulate.simulate_screen(n_cells=n_cells, n_genes=n_genes, seed=seed, **simulate.DEMO_DESIGN)
     _atomic_write(target, lambda tmp: adata.write_h5ad(tmp))
     gmt = resolve(gene_sets_path)
     gmt.parent.mkdir(parents=True, exist_ok=True)

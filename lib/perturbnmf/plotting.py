@@ -126,7 +126,9 @@ def k_selection(table: pd.DataFrame, k: int, suggested_k: int):
     ax_err.plot(table["k"], table["best_restart_relative_error"], ":", color="#7f7f7f", label="best single restart")
     ax_err.set_ylabel("relative error ‖X − WH‖ / ‖X‖")
     ax_err.set_title("Reconstruction error vs k")
-    ax_stab.plot(table["k"], table["stability"], "o-", color="#2ca02c")
+    se = table["stability_se"] if "stability_se" in table else None
+    ax_stab.errorbar(table["k"], table["stability"], yerr=se, fmt="o-", color="#2ca02c", capsize=3,
+                     label="stability ± 1 SE" if se is not None else "stability")
     ax_stab.set_ylabel("stability (silhouette of restarts' programs)")
     ax_stab.set_title("Stability of programs across restarts vs k")
     ax_stab.set_ylim(min(0.0, float(np.nanmin(table["stability"])) - 0.05) if table["stability"].notna().any() else 0, 1.02)

@@ -70,6 +70,7 @@ from scipy import special
 
 __all__ = [
     "CONTROL_LABEL",
+    "DEMO_DESIGN",
     "PROGRAM_NAMES",
     "simulate_screen",
     "planted_gene_sets",
@@ -144,6 +145,10 @@ def _check_seed(seed) -> int:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     return int(seed)
 
+
+#: The demo's and the benchmark's design: programs as count-space profiles that raise some genes and
+#: lower 40 others, guides of efficacy 0.5-1 (``bench_programs.py`` measures the models on it).
+DEMO_DESIGN = {"expression": "mixture", "n_down_genes": 40, "guide_efficacy": (0.5, 1.0)}
 
 #: How usage becomes expression (see simulate_screen's ``expression``).
 _EXPRESSION_MODELS = ("log_linear", "mixture")
