@@ -190,6 +190,7 @@ def main() -> None:
     parser.add_argument("--candidates", nargs="+", default=CANDIDATES, choices=CANDIDATES)
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--seeds", nargs="+", type=int, default=SEEDS)
+    parser.add_argument("--cached", action="store_true", help="print the table of the cached results only")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     sizes, seeds = (["10k"], [1]) if args.quick else (args.sizes, args.seeds)
@@ -200,6 +201,9 @@ def main() -> None:
     for candidate in candidates:
         for size in sizes:
             for seed in seeds:
+                cache = RESULTS / f"{size}_seed{seed}_{candidate}.json"
+                if args.cached and not cache.exists():
+                    continue
                 row = evaluate(size, seed, candidate)
                 print(f"{size} seed {seed} {candidate:>16}: k {row['k']:2d}, found {row['programs_found']:2d}/"
                       f"{PLANTED_K}, sensitivity {row['sensitivity']:.2f}, strict FDP {row['strict_fdp']:.2f}, "
@@ -207,10 +211,11 @@ def main() -> None:
                 rows.append(row)
     table = pd.DataFrame(rows)
     summary = table.groupby(["candidate", "size"], sort=False).agg(
+        seeds=("seed", lambda v: ",".join(str(x) for x in v)),
         k=("k", lambda v: "/".join(str(x) for x in v)), found=("programs_found", "median"),
         sensitivity=("sensitivity", "median"), strict_fdp=("strict_fdp", "median"),
         null_share=("null_share", "max"), seconds=("seconds", "median"))
-    print(f"\nMedians over seeds {seeds} (k: each seed's; null share: the largest); planted k = {PLANTED_K}, "
+    print(f"\nMedians over the seeds listed (k: each seed's; null share: the largest); planted k = {PLANTED_K}, "
           f"sweep {K_VALUES}")
     print(summary.to_string(float_format=lambda v: f"{v:.2f}"))
 
