@@ -196,12 +196,17 @@ def _holdout_residuals(X_holdout, H, gene_halves, covariates=None, covariate_com
     residual_sq = np.zeros(X_holdout.shape[0])
     Z, H_cov = covariates, covariate_components
     for fit_genes, test_genes in (gene_halves, gene_halves[::-1]):
-        W = refit_usage(X_holdout[:, fit_genes], H[:, fit_genes], Z, None if Z is None else H_cov[:, fit_genes])
-        X_test, H_test = X_holdout[:, test_genes], H[:, test_genes]
-        if Z is not None:
-            W, H_test = np.hstack([W, Z]), np.vstack([H_test, H_cov[:, test_genes]])
-        residual_sq += _row_residuals(X_test, W, H_test)
+        H_cov_fit, H_cov_test = (None, None) if Z is None else (H_cov[:, fit_genes], H_cov[:, test_genes])
+        W = refit_usage(X_holdout[:, fit_genes], H[:, fit_genes], Z, H_cov_fit)
+        residual_sq += _row_residuals(X_holdout[:, test_genes], *with_covariates(W, H[:, test_genes], Z, H_cov_test))
     return residual_sq, _squared_norm(X_holdout)
+
+
+def with_covariates(W, H, covariates, covariate_components):
+    """The full factors ``[W, Z]`` and ``[H; H_cov]`` of a fit with known usage (W, H without covariates)."""
+    if covariates is None:
+        return W, H
+    return np.hstack([W, covariates]), np.vstack([H, covariate_components])
 
 
 def _row_residuals(X, W, H, *, block_rows=4096) -> np.ndarray:
@@ -255,10 +260,9 @@ def _consensus_for_k(X_train, X_holdout, Z_train, Z_holdout, gene_halves, fits, 
         best = min(fits, key=lambda res: res["objective"])
         residuals = (_holdout_residuals(X_holdout, H, gene_halves, Z_holdout, H_cov) if X_holdout is not None
                      else None)
-        W_full, H_full = (W_train, H) if Z_train is None else (np.hstack([W_train, Z_train]), np.vstack([H, H_cov]))
         row = {
             "k": k,
-            "relative_error": relative_error(X_train, W_full, H_full),
+            "relative_error": relative_error(X_train, *with_covariates(W_train, H, Z_train, H_cov)),
             "holdout_relative_error": (float(np.sqrt(residuals[0].sum() / residuals[1])) if residuals
                                        and residuals[1] > 0 else np.nan),
             "best_restart_relative_error": _relative(best["objective"], _squared_norm(X_train)),
@@ -319,7 +323,8 @@ def _cluster(H_all: np.ndarray, kept: np.ndarray, k: int, n_restarts: int, seed:
     if k == 1:
         labels = np.zeros(len(H_all), dtype=int)
         median_norm = np.linalg.norm(np.median(H_all[kept], axis=0))
-        scores = H_all @ np.median(H_all[kept], axis=0) / median_norm if median_norm > 0 else np.full(len(H_all), np.nan)
+        scores = (H_all @ np.median(H_all[kept], axis=0) / median_norm if median_norm > 0
+                  else np.full(len(H_all), np.nan))
     else:
         with warnings.catch_warnings():
             # fewer distinct programs than k: KMeans warns and leaves clusters empty (handled below)

@@ -33,7 +33,7 @@ import warnings
 from scipy.optimize import linear_sum_assignment
 
 from ._seminmf import _safe_Wt_X
-from .consensus import ConsensusSweep, consensus_sweep, refit_usage, relative_error
+from .consensus import ConsensusSweep, consensus_sweep, refit_usage, relative_error, with_covariates
 from .preprocess import InputError
 
 #: A kept program counts as reproduced on half of the cells when its loadings' cosine with its
@@ -195,7 +195,7 @@ def factorize(
         "n_iter": int(len(trace)),
         "converged": bool(row["n_converged"] == n_restarts),
         "objective": trace,
-        "relative_error": float(relative_error(X, *_with_baseline(W, H, Z, H_baseline))),
+        "relative_error": float(relative_error(X, *with_covariates(W, H, Z, H_baseline))),
         "holdout_relative_error": float(row["holdout_relative_error"]),
         "stability": float(row["stability"]),
         "sweep": table,
@@ -224,11 +224,6 @@ def baseline_design(adata: ad.AnnData, batch_key: str | None) -> tuple[list[str]
         return ["all cells"], np.ones((adata.n_obs, 1))
     batch = pd.Categorical(adata.obs[batch_key].astype(str))
     return [str(c) for c in batch.categories], np.eye(len(batch.categories))[batch.codes]
-
-
-def _with_baseline(W, H, Z, H_baseline):
-    """The full factors ``[W, Z]`` and ``[H; H_baseline]`` (W, H unchanged without a baseline)."""
-    return (W, H) if Z is None else (np.hstack([W, Z]), np.vstack([H, H_baseline]))
 
 
 def _restart_labels(labels: np.ndarray, position: np.ndarray) -> np.ndarray:
