@@ -25,9 +25,9 @@ import scipy.sparse as sp
 import yaml
 
 from perturbnmf import pipeline
-from perturbnmf import preprocess as pp
-from perturbnmf.enrichment import read_gmt
-from perturbnmf.factorize import factorize
+from perturbnmf import pp
+from perturbnmf.tl import read_gmt
+from perturbnmf.tl import factorize
 from perturbnmf.params import ParameterError, load_yaml, validate
 
 from conftest import REPO_ROOT

@@ -10,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 from numpy.testing import assert_allclose, assert_array_equal
 
-from perturbnmf.consensus import consensus_sweep, refit_usage, relative_error, suggest_k
+from perturbnmf.decomposition import consensus_sweep, refit_usage, relative_error, suggest_k
 from test_seminmf_hals import matched_cosine
 
 
@@ -203,7 +203,7 @@ def test_covariates_take_the_baseline_not_a_program():
 
 
 def test_density_filter_drops_outlier_programs():
-    from perturbnmf.consensus import _dense_programs
+    from perturbnmf.decomposition._consensus import _dense_programs
 
     rng = np.random.default_rng(0)
     programs = np.eye(3, 20)

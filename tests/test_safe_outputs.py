@@ -260,7 +260,7 @@ def test_no_shell_command_is_built_and_yaml_is_loaded_safely():
 # --- the memory guard --------------------------------------------------------------------
 
 def test_memory_guard_refuses_and_names_the_parameter(monkeypatch):
-    from perturbnmf.resources import InsufficientMemoryError, available_memory, check_dense_fits
+    from perturbnmf.pp import InsufficientMemoryError, available_memory, check_dense_fits
 
     assert available_memory() > 0
     with pytest.raises(InsufficientMemoryError, match=r"set cell_cycle_genes: null.*") as err:

@@ -1,4 +1,4 @@
-"""Tests of perturbnmf.simulate: a Perturb-seq screen with known truth."""
+"""Tests of perturbnmf.datasets: a Perturb-seq screen with known truth."""
 
 import anndata
 import numpy as np
@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from perturbnmf.simulate import (
+from perturbnmf.datasets import (
     planted_gene_sets,
     simulate_screen,
     write_cell_cycle_genes,

@@ -1,4 +1,4 @@
-"""Tests of perturbnmf.stats against statsmodels / scipy and hand computations."""
+"""Tests of the statistics of perturbnmf.tl against statsmodels / scipy and hand computations."""
 
 import warnings
 
@@ -10,7 +10,7 @@ from scipy import stats as sps
 from statsmodels.stats.anova import anova_lm
 from statsmodels.stats.multitest import multipletests
 
-from perturbnmf.stats import benjamini_hochberg, program_anova, program_contrasts
+from perturbnmf.tl import benjamini_hochberg, program_anova, program_contrasts
 
 
 # --------------------------------------------------------------------------- #

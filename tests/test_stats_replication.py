@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from perturbnmf.stats import CONSISTENCY_COLUMNS, add_consistency, guide_effects, program_anova, program_contrasts
+from perturbnmf.tl import CONSISTENCY_COLUMNS, add_consistency, guide_effects, program_anova, program_contrasts
 
 PROGRAMS = ["P01", "P02", "P03", "P04"]
 

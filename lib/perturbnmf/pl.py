@@ -551,7 +551,7 @@ def enrichment_dotplot(top: pd.DataFrame, max_term_chars: int = 60, labels=None,
     dedup = data.drop_duplicates("_term_key")
     first = dict(zip(dedup["_term_key"], dedup["term"]))
     if tidy_terms:
-        from perturbnmf.enrichment import tidy_term
+        from .tl import tidy_term
         names = [tidy_term(first[k], max_chars=None) for k in keys]
     else:
         names = [str(first[k]) for k in keys]

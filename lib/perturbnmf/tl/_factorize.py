@@ -32,9 +32,9 @@ import warnings
 
 from scipy.optimize import linear_sum_assignment
 
-from ._seminmf import _safe_Wt_X
-from .consensus import ConsensusSweep, consensus_sweep, refit_usage, relative_error, with_covariates
-from .preprocess import InputError
+from ..decomposition._seminmf import _safe_Wt_X
+from ..decomposition._consensus import ConsensusSweep, consensus_sweep, refit_usage, relative_error, with_covariates
+from ..errors import InputError
 
 #: A kept program counts as reproduced on half of the cells when its loadings' cosine with its
 #: learn-half twin reaches this.

@@ -73,7 +73,8 @@ import pandas as pd
 from scipy import sparse
 from scipy.stats import hypergeom
 
-from perturbnmf.stats import benjamini_hochberg
+from ...errors import LibraryUnavailableError
+from .._stats import benjamini_hochberg
 
 __all__ = [
     "read_gmt",
@@ -187,10 +188,6 @@ def read_gmt(path) -> dict[str, list[str]]:
     if not sets:
         raise ValueError(f"{path}: no gene sets found (the file is empty or has only blank lines)")
     return sets
-
-
-class LibraryUnavailableError(ValueError):
-    """A gene-set library named by its Enrichr name could not be fetched (offline)."""
 
 
 class _TimeoutSession:
