@@ -20,6 +20,7 @@ from ._factorize import (
     split_usage,
     usage,
 )
+from ._multitest import benjamini_hochberg
 from ._stats import (
     ANOVA_COLUMNS,
     CONSISTENCY_COLUMNS,
@@ -27,7 +28,6 @@ from ._stats import (
     METHODS,
     PRIMARY_SHARE,
     add_consistency,
-    benjamini_hochberg,
     calibration_summary,
     control_null,
     guide_effects,

@@ -74,7 +74,7 @@ from scipy import sparse
 from scipy.stats import hypergeom
 
 from ...errors import LibraryUnavailableError
-from .._stats import benjamini_hochberg
+from .._multitest import benjamini_hochberg
 
 __all__ = [
     "read_gmt",
