@@ -11,6 +11,7 @@ from ._factorize import (
     REPRODUCED_COSINE,
     baseline_design,
     factorize,
+    factorized_matrix,
     gene_scores,
     loadings,
     normalize_factors,
@@ -21,21 +22,20 @@ from ._factorize import (
     usage,
 )
 from ._multitest import benjamini_hochberg
-from ._stats import (
-    ANOVA_COLUMNS,
-    CONSISTENCY_COLUMNS,
+from ._anova import ANOVA_COLUMNS, program_anova
+from ._calibration import calibration_summary, control_null
+from ._consistency import CONSISTENCY_COLUMNS, add_consistency
+from ._contrasts import (
     CONTRAST_COLUMNS,
     METHODS,
     PRIMARY_SHARE,
-    add_consistency,
-    calibration_summary,
-    control_null,
     guide_effects,
     mark_primary,
-    program_anova,
     program_contrasts,
     significant_pairs,
 )
+from ._double_dipping import add_split_columns, split_half_comparison
+from ._hits import top_hit_programs, with_labels
 from . import enrichment
 from .enrichment import (
     ENRICHMENT_COLUMNS,
@@ -55,12 +55,13 @@ from .enrichment import (
 
 __all__ = [
     # factorisation
-    "factorize", "split_half", "usage", "split_usage", "loadings", "gene_scores", "program_names",
+    "factorize", "factorized_matrix", "split_half", "usage", "split_usage", "loadings", "gene_scores", "program_names",
     "normalize_factors", "regression_scores", "baseline_design", "REPRODUCED_COSINE",
     # statistics
     "program_anova", "program_contrasts", "guide_effects", "add_consistency", "mark_primary", "significant_pairs",
     "control_null", "calibration_summary", "benjamini_hochberg", "METHODS", "PRIMARY_SHARE", "ANOVA_COLUMNS",
-    "CONTRAST_COLUMNS", "CONSISTENCY_COLUMNS",
+    "CONTRAST_COLUMNS", "CONSISTENCY_COLUMNS", "split_half_comparison", "add_split_columns", "with_labels",
+    "top_hit_programs",
     # enrichment
     "enrichment", "read_gmt", "load_library", "top_genes", "over_representation", "top_terms", "prerank",
     "tidy_term", "program_labels", "LibraryUnavailableError", "TOP_GENES_COLUMNS", "ENRICHMENT_COLUMNS", "PRERANK_COLUMNS", "LABEL_COLUMNS",
