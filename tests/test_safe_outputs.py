@@ -238,7 +238,7 @@ def _safe_loader_classes(tree) -> set[str]:
 
 
 def test_no_shell_command_is_built_and_yaml_is_loaded_safely():
-    sources = [REPO_ROOT / "run_all.py", *sorted((REPO_ROOT / "lib" / "perturbnmf").glob("*.py"))]
+    sources = [REPO_ROOT / "run_all.py", *sorted((REPO_ROOT / "lib" / "perturbnmf").rglob("*.py"))]
     for path in sources:
         tree = ast.parse(path.read_text())
         safe = _safe_loader_classes(tree)
