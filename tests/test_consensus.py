@@ -230,3 +230,18 @@ def test_nmf_refuses_negative_data_naming_the_fix():
     X, _, _ = planted_screen(n=100)
     with pytest.raises(ValueError, match="NMF needs a non-negative X.*SemiNMF"):
         consensus_sweep(X, [3])
+
+
+def test_polishing_a_consensus_with_a_dead_program_is_reproducible():
+    """A consensus program whose usage dies is re-seeded during the final fit; with the sweep's seed the
+    re-seeding is the same every time (it drew from the operating system's entropy before)."""
+    from perturbnmf.decomposition._consensus import _polish
+
+    rng = np.random.default_rng(0)
+    X = rng.random((120, 30)) @ np.diag(rng.random(30) + 0.5)
+    H_median = np.vstack([rng.random((2, 30)), np.zeros((1, 30))])  # the third program is dead
+    H_cov = np.zeros((0, 30))
+    runs = [_polish(X, H_median, H_cov, None, "seminmf", "hals", 50, 1e-6, random_state=7) for _ in range(2)]
+    assert np.abs(runs[0][1][2]).sum() > 0  # the dead program was re-seeded
+    for first, second in zip(*runs):
+        assert_array_equal(first, second)

@@ -254,7 +254,7 @@ def _consensus_for_k(X_train, X_holdout, Z_train, Z_holdout, gene_halves, fits, 
         H_median, labels, stability, stability_se = _cluster(H_all, kept, k, n_restarts, seed)
         H_cov = np.median([res["H_cov"] for res in fits], axis=0)  # covariates' loadings: aligned, no grouping
         W_train, H, H_cov = _polish(X_train, H_median, H_cov, Z_train, model, solver, max_iter, tol, alpha_W,
-                                    l1_ratio)
+                                    l1_ratio, random_state=seed)
         best = min(fits, key=lambda res: res["objective"])
         residuals = (_holdout_residuals(X_holdout, H, gene_halves, Z_holdout, H_cov) if X_holdout is not None
                      else None)
@@ -340,10 +340,12 @@ def _cluster(H_all: np.ndarray, kept: np.ndarray, k: int, n_restarts: int, seed:
     return H / np.where(norms > 0, norms, 1.0), np.where(kept, labels, -1), stability, stability_se
 
 
-def _polish(X, H_median, H_cov, Z, model, solver, max_iter, tol, alpha_W=0.0, l1_ratio=0.0):
+def _polish(X, H_median, H_cov, Z, model, solver, max_iter, tol, alpha_W=0.0, l1_ratio=0.0, random_state=None):
     """Fit once more from the consensus: usage refitted to the median programs, then the solver
     to tolerance. The median of restarts that disagree fits worse than any restart; this finds
-    the nearby optimum, so the kept programs are the consensus ones, fitted.
+    the nearby optimum, so the kept programs are the consensus ones, fitted. ``random_state``
+    seeds the re-seeding of a program whose usage dies (the start itself is the consensus), so
+    that a sweep with a seed gives the same programs every time.
 
     Returns
     -------
@@ -353,7 +355,7 @@ def _polish(X, H_median, H_cov, Z, model, solver, max_iter, tol, alpha_W=0.0, l1
         The covariates' loadings (b = 0 without covariates).
     """
     estimator = MODELS[model](n_components=H_median.shape[0], solver=solver, init="custom", max_iter=max_iter,
-                              tol=tol, alpha_W=alpha_W, l1_ratio=l1_ratio)
+                              tol=tol, alpha_W=alpha_W, l1_ratio=l1_ratio, random_state=random_state)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence is judged on the restarts
         W = estimator.fit_transform(X, W=refit_usage(X, H_median, Z, H_cov), H=H_median, covariates=Z)
