@@ -1,6 +1,6 @@
 """Which factorisation gives programs a biologist can trust? Planted truth, candidates and cNMF.
 
-Simulated Perturb-seq screens (``perturbnmf.simulate.simulate_screen`` with
+Simulated Perturb-seq screens (``perturbnmf.datasets.simulate_screen`` with
 ``expression="mixture"``: programs are count-space expression profiles that raise some genes
 and lower 40 others; 30 % of the targets do nothing; guides of efficacy 0.5-1; two batches)
 are analysed by each candidate the way the pipeline does it with its defaults:
@@ -14,7 +14,7 @@ and scored against the truth:
 
 * **programs found**: planted programs whose matched recovered program has a gene-score cosine
   >= 0.8 with the oracle's (gene scores = regression of the log-normalised expression on the
-  usage, ``perturbnmf.factorize.regression_scores``; the oracle regresses on the planted usage,
+  usage, ``perturbnmf.tl.regression_scores``; the oracle regresses on the planted usage,
   so every method is scored on the same scale, loadings of any sign);
 * **sensitivity**: planted (target, program) effects found on the matched program, right sign;
 * **strict FDP**: discoveries that are not a planted pair (wrong program, null target, sign);
@@ -52,9 +52,10 @@ import numpy as np
 import pandas as pd
 
 import perturbnmf as pnmf
-from perturbnmf import evaluation, simulate, stats
-from perturbnmf import factorize as fz
-from perturbnmf.consensus import _holdout_excess, _holdout_residuals, consensus_sweep
+from perturbnmf import datasets, evaluation, tl
+from perturbnmf.decomposition import refit_usage
+from perturbnmf.tl._factorize import _used_matrix
+from perturbnmf.decomposition._consensus import _holdout_excess, _holdout_residuals, consensus_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "programs"
@@ -77,7 +78,7 @@ SEED_TOLERANCE = 0.01
 
 def screen(size: str, seed: int):
     """Simulate and preprocess one screen as the pipeline's step 1 does with its defaults."""
-    adata = simulate.simulate_screen(n_genes=2000, n_programs=PLANTED_K, seed=seed, **simulate.DEMO_DESIGN,
+    adata = datasets.simulate_screen(n_genes=2000, n_programs=PLANTED_K, seed=seed, **datasets.DEMO_DESIGN,
                                      **SIZES[size])
     counts = adata.copy()
     adata = pnmf.pp.filter_cells_and_genes(adata, mito_prefix="MT-", min_counts_per_cell=0, min_genes_per_cell=0,
@@ -90,12 +91,12 @@ def screen(size: str, seed: int):
 def score(adata, X, usage: np.ndarray, k: int) -> dict:
     """Programs found, effects found and false discoveries for one method's usage."""
     names = list(adata.uns["simulation"]["program_names"])
-    oracle = fz.regression_scores(X, adata.obsm["simulation_usage"])
-    scores = fz.regression_scores(X, usage)
-    columns = fz.program_names(k)
+    oracle = tl.regression_scores(X, adata.obsm["simulation_usage"])
+    scores = tl.regression_scores(X, usage)
+    columns = tl.program_names(k)
     match = evaluation.match_programs(oracle.T, scores.T, names, columns)
     usage_df = pd.DataFrame(usage, index=adata.obs_names, columns=columns)
-    contrasts = stats.program_contrasts(usage_df, adata.obs["perturbation"].astype(str), simulate.CONTROL_LABEL,
+    contrasts = tl.program_contrasts(usage_df, adata.obs["perturbation"].astype(str), datasets.CONTROL_LABEL,
                                         batch=adata.obs["batch"].astype(str), method="mannwhitney")
     recovery = evaluation.effect_recovery(contrasts, adata.uns["simulation"]["effects"], match, fdr=FDR)
     n_disc = recovery["n_discoveries"]
@@ -110,7 +111,7 @@ def run_consensus(X, model: str, density_threshold, seed_rule: bool = False, bas
     sweep = consensus_sweep(X, K_VALUES, model=model, density_threshold=density_threshold, covariates=baseline,
                             random_state=0)
     k = seed_k(sweep.table) if seed_rule else sweep.suggested_k
-    return fz.refit_usage(X, sweep.components[k], baseline, sweep.covariate_components[k]), k, sweep.table
+    return refit_usage(X, sweep.components[k], baseline, sweep.covariate_components[k]), k, sweep.table
 
 
 def seed_k(table: pd.DataFrame) -> int:
@@ -140,7 +141,7 @@ def run_sparse_seminmf(X):
         residuals[alpha] = _holdout_residuals(Xc[held], programs[alpha], halves)
     excess = _holdout_excess(residuals).rename(columns={"k": "alpha"})
     chosen = float(excess.loc[excess["holdout_excess"] <= excess["holdout_excess_se"], "alpha"].max())
-    return fz.refit_usage(Xc, programs[chosen]), k, chosen
+    return refit_usage(Xc, programs[chosen]), k, chosen
 
 
 def run_cnmf(counts, workdir: Path, n_restarts: int):
@@ -160,7 +161,7 @@ def evaluate(size: str, seed: int, candidate: str, cnmf_restarts: int = 100) -> 
     if cache.exists():
         return json.loads(cache.read_text())
     counts, adata = screen(size, seed)
-    X = fz._used_matrix(adata, "normalized", "highly_variable")
+    X = _used_matrix(adata, "normalized", "highly_variable")
     start = time.perf_counter()
     extra = {}
     if candidate == "cnmf":
@@ -175,7 +176,7 @@ def evaluate(size: str, seed: int, candidate: str, cnmf_restarts: int = 100) -> 
         model = candidate.split("+")[0].split("-")[0]
         density = None if candidate in ("seminmf-seed", "nmf-nofilter") else 0.5
         # the pipeline's NMF: a baseline per batch as known usage (factorize.baseline_design)
-        baseline = fz.baseline_design(adata, "batch")[1] if candidate in ("nmf", "nmf-nofilter") else None
+        baseline = tl.baseline_design(adata, "batch")[1] if candidate in ("nmf", "nmf-nofilter") else None
         usage, k, table = run_consensus(X, model, density, seed_rule=candidate == "seminmf-seed", baseline=baseline)
         extra["sweep"] = table.drop(columns=["seconds"]).round(5).to_dict(orient="list")
     seconds = time.perf_counter() - start

@@ -10,7 +10,7 @@ Part 1 - speed at equal quality (synthetic 100,000 cells x 2,000 genes, ~20 % no
     iterations on a dense float64 copy) against the default solver (HALS, SVD start, float32
     CSR) run for just as many iterations as it needs to reach the original's final objective.
 Part 2 - the full k sweep (k = 5, 10, ..., 45) on the Papalexi 2021 THP-1 screen: one original
-    fit per k against ``perturbnmf.consensus.consensus_sweep`` (5 restarts per k + consensus).
+    fit per k against ``perturbnmf.decomposition.consensus_sweep`` (5 restarts per k + consensus).
 Part 3 - scale (synthetic 1,000,000 cells x 2,000 genes, k = 30): fit time and peak memory of
     the default solver, each size in its own subprocess so its memory is measured alone.
 
@@ -404,19 +404,19 @@ def part2(quick: bool, repeats: int) -> dict:
         print(f"  part 2: skipped, data file not found: {PAPALEXI_H5AD}")
         return {"skipped": "data file not found"}
     try:
-        available = importlib.util.find_spec("perturbnmf.consensus") is not None
+        available = importlib.util.find_spec("perturbnmf.decomposition") is not None
     except (ImportError, ValueError):
         available = False
     consensus_sweep = None
     if available:
         try:
-            from perturbnmf.consensus import consensus_sweep
+            from perturbnmf.decomposition import consensus_sweep
         except Exception as exc:  # noqa: BLE001 - a module being edited may fail in any way
-            print(f"  part 2: perturbnmf.consensus not importable ({type(exc).__name__}: {exc})")
+            print(f"  part 2: perturbnmf.decomposition not importable ({type(exc).__name__}: {exc})")
             available = False
     if not available or consensus_sweep is None:
-        print("  part 2: perturbnmf.consensus not available yet")
-        return {"skipped": "perturbnmf.consensus not available yet"}
+        print("  part 2: perturbnmf.decomposition not available yet")
+        return {"skipped": "perturbnmf.decomposition not available yet"}
 
     report_machine_load("part 2")
     X = load_papalexi()

@@ -24,16 +24,12 @@ import scanpy as sc
 import scipy.sparse as sp
 import yaml
 
-from perturbnmf import pipeline
-from perturbnmf import preprocess as pp
-from perturbnmf.enrichment import read_gmt
-from perturbnmf.factorize import factorize
-from perturbnmf.params import ParameterError, load_yaml, validate
+from perturbnmf import pp
+from perturbnmf.report import inputs as run_inputs
+from perturbnmf.report.params import ParameterError, declared as declared_parameters, load_yaml, validate
+from perturbnmf.tl import factorize, read_gmt
 
 from conftest import REPO_ROOT
-
-sys.path.insert(0, str(REPO_ROOT))
-import run_all  # noqa: E402
 
 CONTROL = "non-targeting"
 GROUPS = [CONTROL, "TGT1", "TGT2", "TGT3"]
@@ -377,7 +373,7 @@ def test_cell_cycle_marker_file_must_be_readable(tmp_path):
 
 @pytest.fixture(scope="module")
 def declared():
-    return {name: p for params in run_all.declared_parameters().values() for name, p in params.items()}
+    return {name: p for params in [declared_parameters()] for name, p in params.items()}
 
 
 PARAM_CASES = [
@@ -441,7 +437,7 @@ def test_yaml_that_is_not_utf8_is_refused(tmp_path):
         load_yaml(path)
 
 
-# --- gene-set libraries (enrichment.read_gmt, pipeline.check_gene_sets, as they are) -------
+# --- gene-set libraries (enrichment.read_gmt, run_inputs.check_gene_sets, as they are) -------
 
 GENES = pd.Index([f"GENE{i}" for i in range(10)] + ["TP53", "BRCA1"])
 
@@ -458,7 +454,7 @@ GMT_CASES = [
 def test_malformed_gmt_is_refused_naming_file_and_line(tmp_path, text, expected):
     path = tmp_path / "library.gmt"
     path.write_text(text)
-    for call in (lambda: read_gmt(path), lambda: pipeline.check_gene_sets([str(path)], GENES)):
+    for call in (lambda: read_gmt(path), lambda: run_inputs.check_gene_sets([str(path)], GENES)):
         with pytest.raises(ValueError) as err:
             call()
         assert str(path) in str(err.value)
@@ -475,7 +471,7 @@ def test_gmt_sharing_no_gene_is_refused(tmp_path, members, genes, diagnosis):
     path = tmp_path / "library.gmt"
     path.write_text("SET\tdesc\t" + "\t".join(members) + "\n")
     with pytest.raises(pp.InputError) as err:
-        pipeline.check_gene_sets([str(path)], genes)
+        run_inputs.check_gene_sets([str(path)], genes)
     message = str(err.value)
     assert str(path) in message and "shares no gene with the data" in message and diagnosis in message
 
@@ -484,21 +480,21 @@ def test_gmt_ensembl_mismatch_is_detected(tmp_path):
     path = tmp_path / "library.gmt"
     path.write_text("SET\tdesc\tENSG00000141510\tENSG00000012048\n")
     with pytest.raises(pp.InputError, match="library uses Ensembl IDs"):
-        pipeline.check_gene_sets([str(path)], GENES)
+        run_inputs.check_gene_sets([str(path)], GENES)
 
 
 def test_gmt_mouse_symbols_against_human_symbols_are_named(tmp_path):
     path = tmp_path / "library.gmt"
     path.write_text("SET\tdesc\tTp53\tBrca1\tStat1\n")
     with pytest.raises(pp.InputError, match="library uses capitalised \\(mouse-style\\) symbols"):
-        pipeline.check_gene_sets([str(path)], pd.Index(["TP53X", "GENE1", "STAT9"]))
+        run_inputs.check_gene_sets([str(path)], pd.Index(["TP53X", "GENE1", "STAT9"]))
 
 
 def test_gmt_that_is_not_text_is_refused_naming_file_and_parameter(tmp_path):
     path = tmp_path / "library.gmt"
     path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
     with pytest.raises(pp.InputError) as err:
-        pipeline.check_gene_sets([str(path)], GENES)
+        run_inputs.check_gene_sets([str(path)], GENES)
     assert "library.gmt" in str(err.value) and "'gene_sets'" in str(err.value)
 
 
@@ -506,7 +502,7 @@ def test_malformed_gmt_names_the_parameter(tmp_path):
     path = tmp_path / "library.gmt"
     path.write_text("SET1 desc GENE1\n")
     with pytest.raises(pp.InputError, match="'gene_sets'.*line 1"):
-        pipeline.check_gene_sets([str(path)], GENES)
+        run_inputs.check_gene_sets([str(path)], GENES)
 
 
 # --- through run_all.py, as a user runs it (a few representative cases) ------------------
@@ -603,7 +599,7 @@ def test_enrichr_library_name_while_offline_names_the_parameter(tmp_path, monkey
 
     monkeypatch.setattr(module.EnrichrAPI, "download_libraries", offline)
     with pytest.raises(pp.InputError) as err:
-        pipeline.check_gene_sets(["GO_Biological_Process_2023"], GENES)
+        run_inputs.check_gene_sets(["GO_Biological_Process_2023"], GENES)
     message = str(err.value)
     assert "'gene_sets'" in message and "GO_Biological_Process_2023" in message
     assert "Enrichr is unreachable" in message and "pass its path" in message

@@ -10,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 from numpy.testing import assert_allclose, assert_array_equal
 
-from perturbnmf.consensus import consensus_sweep, refit_usage, relative_error, suggest_k
+from perturbnmf.decomposition import consensus_sweep, refit_usage, relative_error, suggest_k
 from test_seminmf_hals import matched_cosine
 
 
@@ -203,7 +203,7 @@ def test_covariates_take_the_baseline_not_a_program():
 
 
 def test_density_filter_drops_outlier_programs():
-    from perturbnmf.consensus import _dense_programs
+    from perturbnmf.decomposition._consensus import _dense_programs
 
     rng = np.random.default_rng(0)
     programs = np.eye(3, 20)
@@ -230,3 +230,18 @@ def test_nmf_refuses_negative_data_naming_the_fix():
     X, _, _ = planted_screen(n=100)
     with pytest.raises(ValueError, match="NMF needs a non-negative X.*SemiNMF"):
         consensus_sweep(X, [3])
+
+
+def test_polishing_a_consensus_with_a_dead_program_is_reproducible():
+    """A consensus program whose usage dies is re-seeded during the final fit; with the sweep's seed the
+    re-seeding is the same every time (it drew from the operating system's entropy before)."""
+    from perturbnmf.decomposition._consensus import _polish
+
+    rng = np.random.default_rng(0)
+    X = rng.random((120, 30)) @ np.diag(rng.random(30) + 0.5)
+    H_median = np.vstack([rng.random((2, 30)), np.zeros((1, 30))])  # the third program is dead
+    H_cov = np.zeros((0, 30))
+    runs = [_polish(X, H_median, H_cov, None, "seminmf", "hals", 50, 1e-6, random_state=7) for _ in range(2)]
+    assert np.abs(runs[0][1][2]).sum() > 0  # the dead program was re-seeded
+    for first, second in zip(*runs):
+        assert_array_equal(first, second)

@@ -1,4 +1,4 @@
-"""Tests of perturbnmf.enrichment (offline; hand-made gene sets)."""
+"""Tests of perturbnmf.tl.enrichment (offline; hand-made gene sets)."""
 
 import numpy as np
 import pandas as pd
@@ -6,7 +6,7 @@ import pytest
 from scipy.stats import hypergeom
 from statsmodels.stats.multitest import multipletests
 
-from perturbnmf.enrichment import (
+from perturbnmf.tl import (
     ENRICHMENT_COLUMNS,
     over_representation,
     read_gmt,

@@ -1,4 +1,4 @@
-"""Tests of perturbnmf.plotting.enrichment_dotplot with many programs and terms."""
+"""Tests of perturbnmf.pl.enrichment_dotplot with many programs and terms."""
 
 import matplotlib
 
@@ -9,7 +9,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from perturbnmf.plotting import enrichment_dotplot  # noqa: E402
+from perturbnmf.pl import enrichment_dotplot  # noqa: E402
 
 LONG = "positive regulation of nuclear-transcribed mRNA catabolic process, deadenylation-dependent decay"
 
@@ -103,7 +103,7 @@ def test_dotplot_size_grows_with_programs_and_terms():
 
 
 def test_dotplot_program_labels_table_prerank_input_and_errors():
-    from perturbnmf.enrichment import tidy_term
+    from perturbnmf.tl import tidy_term
 
     top = _table(3, 9)
     labels = pd.DataFrame({"program": ["P01", "P02"], "label": ["P01 \u2191 interferon", "P02: A, B, C"]})

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from perturbnmf.enrichment import (
+from perturbnmf.tl import (
     LABEL_COLUMNS,
     LibraryUnavailableError,
     load_library,

@@ -1,4 +1,4 @@
-"""Tests of perturbnmf.enrichment.prerank (gseapy.prerank on whole loading vectors; offline)."""
+"""Tests of perturbnmf.tl.enrichment.prerank (gseapy.prerank on whole loading vectors; offline)."""
 
 
 import numpy as np
@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from statsmodels.stats.multitest import multipletests
 
-from perturbnmf.enrichment import PRERANK_COLUMNS, prerank
+from perturbnmf.tl import PRERANK_COLUMNS, prerank
 
 pytest.importorskip("gseapy")
 

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from perturbnmf import factorize as fz
+from perturbnmf import tl
 
 
 
@@ -26,8 +26,8 @@ def adata():
     a = ad.AnnData(X=X.toarray(), obs=obs)
     a.layers["normalized"] = X
     a.var["highly_variable"] = True
-    fz.factorize(a, [4], n_restarts=3, seed=0, n_jobs=1, max_iter=300, model="seminmf", density_threshold=None)
-    match = fz.split_half(a, "perturbation", n_restarts=3, seed=1, n_jobs=1, max_iter=300)
+    tl.factorize(a, [4], n_restarts=3, seed=0, n_jobs=1, max_iter=300, model="seminmf", density_threshold=None)
+    match = tl.split_half(a, "perturbation", n_restarts=3, seed=1, n_jobs=1, max_iter=300)
     a.uns["_match"] = match
     return a
 
@@ -42,7 +42,7 @@ def test_only_test_cells_get_split_usage(adata):
     test = (adata.obs["snmf_half"] == "test").to_numpy()
     assert np.isnan(W[~test]).all()
     assert np.isfinite(W[test]).all() and (W[test] >= 0).all()
-    usage = fz.split_usage(adata)
+    usage = tl.split_usage(adata)
     assert list(usage.index) == list(adata.obs_names[test])
     assert list(usage.columns) == adata.uns["snmf"]["program_names"]
 
@@ -69,7 +69,7 @@ def test_learn_half_programs_never_see_the_test_cells(adata):
     dense = other.layers["normalized"].toarray()
     dense[test] = np.random.default_rng(0).normal(size=(test.sum(), dense.shape[1]))
     other.layers["normalized"] = dense
-    fz.split_half(other, "perturbation", n_restarts=3, seed=1, n_jobs=1, max_iter=300)
+    tl.split_half(other, "perturbation", n_restarts=3, seed=1, n_jobs=1, max_iter=300)
     np.testing.assert_allclose(other.uns["snmf"]["split_half"]["cosine"], adata.uns["snmf"]["split_half"]["cosine"],
                                rtol=1e-6)
 
@@ -79,13 +79,13 @@ def test_regression_scores_are_the_least_squares_coefficients():
     rng = np.random.default_rng(0)
     W = rng.gamma(2.0, 1.0, (300, 3))
     X = sp.csr_matrix(np.maximum(W @ rng.normal(size=(3, 20)) + rng.normal(size=(300, 20)), 0))
-    B = fz.regression_scores(X, W)
+    B = tl.regression_scores(X, W)
     Z = (W - W.mean(0)) / W.std(0)
     design = np.hstack([np.ones((300, 1)), Z])
     expected = np.linalg.lstsq(design, X.toarray(), rcond=None)[0][1:]
     np.testing.assert_allclose(B, expected, atol=1e-8)
     W[:, 1] = 2.0  # a program without variance gets zero scores, the others are unaffected
-    assert (fz.regression_scores(X, W)[1] == 0).all()
+    assert (tl.regression_scores(X, W)[1] == 0).all()
 
 
 def test_nmf_shows_lowered_genes_as_negative_scores():
@@ -102,8 +102,8 @@ def test_nmf_shows_lowered_genes_as_negative_scores():
     a = ad.AnnData(X=X)
     a.layers["normalized"] = sp.csr_matrix(X)
     a.var["highly_variable"] = True
-    fz.factorize(a, [2], n_restarts=2, seed=0, n_jobs=1, holdout_fraction=0.0)
-    scores = fz.gene_scores(a)
+    tl.factorize(a, [2], n_restarts=2, seed=0, n_jobs=1, holdout_fraction=0.0)
+    scores = tl.gene_scores(a)
     first = scores.iloc[:10].mean().idxmax()  # the program that raises genes 0-9
-    assert (fz.loadings(a).to_numpy() >= 0).all()
+    assert (tl.loadings(a).to_numpy() >= 0).all()
     assert (scores[first].iloc[10:20] < 0).all() and (scores[first].iloc[:10] > 0).all()

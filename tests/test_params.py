@@ -1,25 +1,24 @@
 """Parameter files are checked against the notebooks' parameters cells before anything runs."""
 
-import sys
-
 import pytest
 
-from perturbnmf.params import RULES, ParameterError, check, load_yaml, read_parameters_cell, validate
+from perturbnmf.report import STEPS
+from perturbnmf.report.params import RULES, ParameterError, check, load_yaml, read_parameters_cell, validate
+from perturbnmf.report.params import declared as declared_in_schema
 
 from conftest import REPO_ROOT
-
-sys.path.insert(0, str(REPO_ROOT))
-import run_all  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def declared():
-    return run_all.declared_parameters()
+    """What each notebook's parameters cell declares."""
+    return {step: read_parameters_cell(REPO_ROOT / "notebooks" / f"{stem}.ipynb") for step, (stem, _) in STEPS.items()}
 
 
 @pytest.fixture(scope="module")
-def merged(declared):
-    return {name: p for params in declared.values() for name, p in params.items()}
+def merged():
+    """The parameter schema: every parameter with its value rule."""
+    return declared_in_schema()
 
 
 def test_shared_parameters_agree_across_notebooks(declared):

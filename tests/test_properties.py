@@ -26,8 +26,8 @@ from scipy import stats as sps
 from sklearn.exceptions import ConvergenceWarning
 
 from perturbnmf import SemiNMF
-from perturbnmf.consensus import consensus_sweep, holdout_error, refit_usage, relative_error
-from perturbnmf.enrichment import (
+from perturbnmf.decomposition import consensus_sweep, holdout_error, refit_usage, relative_error
+from perturbnmf.tl import (
     over_representation,
     program_labels,
     read_gmt,
@@ -36,9 +36,9 @@ from perturbnmf.enrichment import (
     top_terms,
 )
 from perturbnmf.evaluation import effect_recovery, implied_effects, match_programs, program_similarity
-from perturbnmf.factorize import normalize_factors
-from perturbnmf.simulate import write_gmt
-from perturbnmf.stats import (
+from perturbnmf.tl import normalize_factors
+from perturbnmf.datasets import write_gmt
+from perturbnmf.tl import (
     add_consistency,
     benjamini_hochberg,
     calibration_summary,

@@ -238,7 +238,7 @@ def _safe_loader_classes(tree) -> set[str]:
 
 
 def test_no_shell_command_is_built_and_yaml_is_loaded_safely():
-    sources = [REPO_ROOT / "run_all.py", *sorted((REPO_ROOT / "lib" / "perturbnmf").glob("*.py"))]
+    sources = [REPO_ROOT / "run_all.py", *sorted((REPO_ROOT / "lib" / "perturbnmf").rglob("*.py"))]
     for path in sources:
         tree = ast.parse(path.read_text())
         safe = _safe_loader_classes(tree)
@@ -260,7 +260,7 @@ def test_no_shell_command_is_built_and_yaml_is_loaded_safely():
 # --- the memory guard --------------------------------------------------------------------
 
 def test_memory_guard_refuses_and_names_the_parameter(monkeypatch):
-    from perturbnmf.resources import InsufficientMemoryError, available_memory, check_dense_fits
+    from perturbnmf.pp import InsufficientMemoryError, available_memory, check_dense_fits
 
     assert available_memory() > 0
     with pytest.raises(InsufficientMemoryError, match=r"set cell_cycle_genes: null.*") as err:

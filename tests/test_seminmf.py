@@ -1,4 +1,4 @@
-"""Tests for perturbnmf._seminmf.SemiNMF with the original analysis's rule (solver="mu",
+"""Tests for perturbnmf.decomposition._seminmf.SemiNMF with the original analysis's rule (solver="mu",
 Ding, Li & Jordan 2010); the default solver ("hals", SVD start) is tested in test_seminmf_hals.py."""
 
 import warnings
@@ -11,7 +11,7 @@ from scipy.linalg import subspace_angles
 from scipy.optimize import linear_sum_assignment
 from sklearn.exceptions import ConvergenceWarning
 
-from perturbnmf._seminmf import (
+from perturbnmf.decomposition._seminmf import (
     SemiNMF,
     _initialize,
     _objective,

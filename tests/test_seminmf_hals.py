@@ -10,8 +10,8 @@ from numpy.testing import assert_allclose, assert_array_equal
 from scipy.optimize import linear_sum_assignment
 from sklearn.exceptions import ConvergenceWarning
 
-from perturbnmf import _kernels
-from perturbnmf._seminmf import SemiNMF, _initialize, _objective, _safe_Wt_X, _safe_X_Ht, _svd_start
+from perturbnmf.decomposition import _kernels
+from perturbnmf.decomposition._seminmf import SemiNMF, _initialize, _objective, _safe_Wt_X, _safe_X_Ht, _svd_start
 
 
 def planted(seed, n=400, m=150, k=5, density=0.4, noise=0.05):

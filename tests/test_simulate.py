@@ -1,4 +1,4 @@
-"""Tests of perturbnmf.simulate: a Perturb-seq screen with known truth."""
+"""Tests of perturbnmf.datasets: a Perturb-seq screen with known truth."""
 
 import anndata
 import numpy as np
@@ -6,11 +6,10 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from perturbnmf.simulate import (
+from perturbnmf.datasets import (
     planted_gene_sets,
     simulate_screen,
     write_cell_cycle_genes,
-    write_demo_inputs,
     write_gmt,
 )
 
@@ -364,14 +363,15 @@ def test_cell_cycle_file(small_screen, tmp_path):
     assert s_genes | g2m_genes == s_members | g2m_members
 
 
-def test_write_demo_inputs(tmp_path):
-    out = tmp_path / "nested" / "demo"
-    paths = write_demo_inputs(out, seed=5, **SMALL)
-    assert set(paths) == {"input", "gene_sets", "cell_cycle_genes"}
-    assert paths["input"].name == "simulated_screen.h5ad"
-    assert paths["gene_sets"].name == "simulated_gene_sets.gmt"
-    assert paths["cell_cycle_genes"].name == "simulated_cell_cycle_genes.tsv"
-    assert all(p.is_file() and p.parent == out for p in paths.values())
+def test_simulated_inputs_survive_the_files(tmp_path):
+    """The demo's three input files (as report.inputs.write_simulated_inputs writes them) read back whole."""
+    paths = {"input": tmp_path / "simulated_screen.h5ad", "gene_sets": tmp_path / "simulated_gene_sets.gmt",
+             "cell_cycle_genes": tmp_path / "simulated_cell_cycle_genes.tsv"}
+    adata = simulate_screen(seed=5, **SMALL)
+    adata.write_h5ad(paths["input"])
+    write_gmt(paths["gene_sets"], planted_gene_sets(adata, seed=5))
+    write_cell_cycle_genes(paths["cell_cycle_genes"], adata)
+    assert all(p.is_file() for p in paths.values())
     back = anndata.read_h5ad(paths["input"])
     fresh = simulate_screen(seed=5, **SMALL)
     assert (back.X != fresh.X).nnz == 0

@@ -1,4 +1,4 @@
-"""Tests of perturbnmf.stats against statsmodels / scipy and hand computations."""
+"""Tests of the statistics of perturbnmf.tl against statsmodels / scipy and hand computations."""
 
 import warnings
 
@@ -10,7 +10,7 @@ from scipy import stats as sps
 from statsmodels.stats.anova import anova_lm
 from statsmodels.stats.multitest import multipletests
 
-from perturbnmf.stats import benjamini_hochberg, program_anova, program_contrasts
+from perturbnmf.tl import benjamini_hochberg, program_anova, program_contrasts
 
 
 # --------------------------------------------------------------------------- #
@@ -212,7 +212,7 @@ def _contrast_data(seed=20):
 
 def test_contrasts_match_scipy_welch_and_bh():
     usage, g = _contrast_data()
-    res = program_contrasts(usage, g, control_label="non-targeting")
+    res = program_contrasts(usage, g, control_label="non-targeting", method="welch")
     assert list(res.columns) == [
         "program", "perturbation", "n_cells", "n_control", "mean_perturbed", "mean_control",
         "effect", "effect_std", "statistic", "pvalue", "qvalue",
@@ -266,7 +266,7 @@ def test_contrasts_zero_variance_program_gives_nan():
     usage["P05"] = np.where(g == "GATA1", 1.0, 0.0)  # constant within both groups, different means
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warnings leak out
-        res = program_contrasts(usage, g, control_label="non-targeting")
+        res = program_contrasts(usage, g, control_label="non-targeting", method="welch")
     sub = res[res["program"].isin(["P04", "P05"])]
     assert sub["pvalue"].isna().all() and sub["statistic"].isna().all() and sub["qvalue"].isna().all()
     ok = res["pvalue"].notna()
@@ -284,7 +284,7 @@ def test_contrasts_effect_batch_adjusted_by_hand():
     b = np.array(["b1", "b1", "b1", "b1", "b1", "b2", "b2", "b2", "b2", "b3", "b3", "b4", "b4"])
     y = np.array([1.0, 3.0, 5.0, 6.0, 7.0, 10.0, 12.0, 14.0, 20.0, 0.0, 2.0, 4.0, 5.0])
     usage = pd.DataFrame({"P01": y, "P02": 2 * y})
-    res = program_contrasts(usage, g, control_label="NT", batch=b)
+    res = program_contrasts(usage, g, control_label="NT", batch=b, method="welch")
     assert res.columns[-1] == "effect_batch_adjusted"
     assert res.attrs["batch_adjusted"] is True
     # by hand: b1: mean X = 6, mean NT = 2, diff 4, weight 3; b2: 20 - 12 = 8, weight 1

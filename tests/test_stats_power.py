@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from perturbnmf.stats import benjamini_hochberg, program_contrasts
+from perturbnmf.tl import benjamini_hochberg, program_contrasts
 
 N_GROUPS, N_CELLS, N_CONTROL, N_PROG = 15, 150, 600, 10
 N_NULL_SCREENS, N_EFFECT_SCREENS = 400, 200

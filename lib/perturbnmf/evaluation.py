@@ -1,6 +1,6 @@
 """Scoring a pipeline run against the truth of a simulated screen.
 
-Typical use with a :func:`perturbnmf.simulate.simulate_screen` result ``sim`` and a run on
+Typical use with a :func:`perturbnmf.datasets.simulate_screen` result ``sim`` and a run on
 the genes ``genes`` with recovered loadings ``H`` (k x genes)::
 
     truth = sim[:, genes].varm["simulation_weights"]            # (n_genes, n_true)
@@ -20,7 +20,10 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["program_similarity", "match_programs", "implied_effects", "effect_recovery"]
+from .tl import factorized_matrix, gene_scores, regression_scores, usage
+
+__all__ = ["program_similarity", "match_programs", "implied_effects", "effect_recovery", "program_recovery",
+           "screen_effect_recovery", "RECOVERY_SUMMARY_KEYS"]
 
 
 def _as_matrix(name: str, value) -> tuple[np.ndarray, pd.Index | None, pd.Index | None]:
@@ -230,6 +233,146 @@ def implied_effects(true_usage, usage: pd.DataFrame, groups, control_label: str)
     return pd.concat(rows, ignore_index=True)
 
 
+def _check_fdr(fdr) -> float:
+    if isinstance(fdr, bool) or not isinstance(fdr, (int, float, np.floating, np.integer)):
+        raise ValueError(f"fdr must be a number in (0, 1], got {fdr!r}")
+    fdr = float(fdr)
+    if not 0.0 < fdr <= 1.0:
+        raise ValueError(f"fdr must be in (0, 1], got {fdr}")
+    return fdr
+
+
+def _tested_pairs(contrasts: pd.DataFrame) -> pd.DataFrame:
+    """The contrasts reduced to perturbation, program (as str), effect and qvalue (float), one row per pair."""
+    tests = pd.DataFrame(
+        {
+            "perturbation": contrasts["perturbation"].astype(str).to_numpy(),
+            "program": contrasts["program"].astype(str).to_numpy(),
+            "effect": pd.to_numeric(contrasts["effect"], errors="coerce").to_numpy(dtype=float),
+            "qvalue": pd.to_numeric(contrasts["qvalue"], errors="coerce").to_numpy(dtype=float),
+        }
+    )
+    if tests.duplicated(["perturbation", "program"]).any():
+        dup = tests.loc[tests.duplicated(["perturbation", "program"]), ["perturbation", "program"]]
+        raise ValueError(
+            f"contrasts has duplicate (perturbation, program) rows, e.g. {tuple(dup.iloc[0])}"
+        )
+    return tests
+
+
+def _matched_programs(program_match: pd.DataFrame) -> dict[str, str | None]:
+    """Planted program -> its matched recovered program (None when unmatched)."""
+    match = program_match.loc[:, ["planted_program", "program"]]
+    if match["planted_program"].duplicated().any():
+        raise ValueError("program_match lists a planted program twice")
+    return {
+        str(p): (None if pd.isna(r) else str(r))
+        for p, r in zip(match["planted_program"], match["program"])
+    }
+
+
+def _planted_effects(truth_effects: pd.DataFrame, to_recovered: dict[str, str | None]) -> pd.DataFrame:
+    """The planted effects as ``perturbation``, ``planted_program``, ``direction`` (lower case), ``fold_change``."""
+    truth = truth_effects.reset_index(drop=True)
+    directions = truth["direction"].astype(str).str.lower()
+    bad = sorted(set(directions) - {"up", "down"})
+    if bad:
+        raise ValueError(f"truth_effects has direction(s) {bad}; expected 'up' or 'down'")
+    planted_programs = truth["program"].astype(str)
+    unknown = sorted(set(planted_programs) - set(to_recovered))
+    if unknown:
+        raise ValueError(f"program_match has no row for planted program(s) {unknown} of truth_effects")
+    perts = truth["perturbation"].astype(str)
+    if pd.DataFrame({"a": perts, "b": planted_programs}).duplicated().any():
+        raise ValueError("truth_effects lists a (perturbation, program) effect twice")
+    fold_changes = (
+        [float(truth["fold_change"].iloc[i]) for i in range(len(truth))] if "fold_change" in truth.columns
+        else [np.nan] * len(truth)
+    )
+    return pd.DataFrame({"perturbation": perts.to_list(), "planted_program": planted_programs.to_list(),
+                         "direction": directions.to_list(), "fold_change": fold_changes})
+
+
+def _recovery_table(planted: pd.DataFrame, to_recovered: dict[str, str | None], tests: pd.DataFrame,
+                    fdr: float) -> pd.DataFrame:
+    """Each planted effect beside the contrast of its matched program: found when significant with the right sign."""
+    lookup = tests.set_index(["perturbation", "program"])
+    rows = []
+    for pert, planted_program, direction, fold_change in planted.itertuples(index=False):
+        recovered_program = to_recovered[planted_program]
+        effect = qvalue = np.nan
+        if recovered_program is not None and (pert, recovered_program) in lookup.index:
+            effect, qvalue = lookup.loc[(pert, recovered_program), ["effect", "qvalue"]]
+        sign = 1.0 if direction == "up" else -1.0
+        ok = bool(np.isfinite(qvalue) and qvalue < fdr and np.isfinite(effect) and np.sign(effect) == sign)
+        rows.append(
+            {
+                "perturbation": pert,
+                "planted_program": planted_program,
+                "program": recovered_program,
+                "direction": direction,
+                "fold_change": fold_change,
+                "effect": float(effect),
+                "qvalue": float(qvalue),
+                "recovered": ok,
+            }
+        )
+    table = pd.DataFrame(
+        rows,
+        columns=["perturbation", "planted_program", "program", "direction", "fold_change",
+                 "effect", "qvalue", "recovered"],
+    )
+    table["recovered"] = table["recovered"].astype(bool)
+    return table
+
+
+def _recovery_rates(table: pd.DataFrame) -> dict:
+    n_planted = int(len(table))
+    n_recovered = int(table["recovered"].sum())
+    return {
+        "n_planted": n_planted,
+        "n_recovered": n_recovered,
+        "sensitivity": (n_recovered / n_planted) if n_planted else float("nan"),
+    }
+
+
+def _discovery_rates(discoveries: pd.DataFrame, table: pd.DataFrame) -> dict:
+    """Discoveries split into true (a recovered planted pair), null-target and spillover ones."""
+    found = table.loc[table["recovered"]]
+    true_pairs = set(zip(found["perturbation"], found["program"]))
+    is_true = [(p, g) in true_pairs for p, g in zip(discoveries["perturbation"], discoveries["program"])]
+    n_disc = int(len(discoveries))
+    n_true = int(np.sum(is_true))
+    on_null_target = ~discoveries["perturbation"].isin(set(table["perturbation"])).to_numpy()
+    n_null = int(on_null_target.sum())
+    return {
+        "n_discoveries": n_disc,
+        "n_false_discoveries": n_disc - n_true,
+        "n_true_discoveries": n_true,
+        "n_null_target_discoveries": n_null,
+        "n_spillover_discoveries": n_disc - n_true - n_null,
+        "false_discovery_proportion": ((n_disc - n_true) / n_disc) if n_disc else 0.0,
+    }
+
+
+def _judged_against_implied(discoveries: pd.DataFrame, implied: pd.DataFrame, min_implied_effect: float) -> dict:
+    """Sign errors and negligible shifts among the discoveries, by the shift the truth implies."""
+    _require_columns("implied", implied, ["perturbation", "program", "implied_effect_std"])
+    merged = discoveries.merge(implied.astype({"perturbation": str, "program": str}),
+                               on=["perturbation", "program"], how="left")
+    implied_d = merged["implied_effect_std"].to_numpy(dtype=float)
+    sign_error = np.sign(implied_d) != np.sign(merged["effect"].to_numpy(dtype=float))
+    negligible = ~sign_error & ~(np.abs(implied_d) >= min_implied_effect)
+    n_disc = int(len(discoveries))
+    return {
+        "n_sign_errors": int(sign_error.sum()),
+        "n_negligible": int(negligible.sum()),
+        "min_implied_effect": float(min_implied_effect),
+        "implied_false_discovery_proportion": float((sign_error | negligible).sum() / n_disc) if n_disc else 0.0,
+        "directional_false_discovery_proportion": float(sign_error.sum() / n_disc) if n_disc else 0.0,
+    }
+
+
 def effect_recovery(contrasts: pd.DataFrame, truth_effects: pd.DataFrame,
                     program_match: pd.DataFrame, fdr: float = 0.05, implied: pd.DataFrame | None = None,
                     min_implied_effect: float = 0.1) -> dict:
@@ -277,117 +420,66 @@ def effect_recovery(contrasts: pd.DataFrame, truth_effects: pd.DataFrame,
         same sign) and ``implied_false_discovery_proportion`` = (sign errors + negligible) /
         discoveries; ``directional_false_discovery_proportion`` = sign errors / discoveries.
     """
-    if isinstance(fdr, bool) or not isinstance(fdr, (int, float, np.floating, np.integer)):
-        raise ValueError(f"fdr must be a number in (0, 1], got {fdr!r}")
-    fdr = float(fdr)
-    if not 0.0 < fdr <= 1.0:
-        raise ValueError(f"fdr must be in (0, 1], got {fdr}")
+    fdr = _check_fdr(fdr)
     _require_columns("contrasts", contrasts, ["program", "perturbation", "effect", "qvalue"])
     _require_columns("truth_effects", truth_effects, ["perturbation", "program", "direction"])
     _require_columns("program_match", program_match, ["planted_program", "program"])
+    tests = _tested_pairs(contrasts)
+    to_recovered = _matched_programs(program_match)
+    planted = _planted_effects(truth_effects, to_recovered)
+    table = _recovery_table(planted, to_recovered, tests, fdr)
+    discoveries = tests[tests["qvalue"] < fdr]
+    judged = {} if implied is None else _judged_against_implied(discoveries, implied, min_implied_effect)
+    return (judged | _recovery_rates(table) | _discovery_rates(discoveries, table)
+            | {"fdr": fdr, "table": table})
 
-    con = pd.DataFrame(
-        {
-            "perturbation": contrasts["perturbation"].astype(str).to_numpy(),
-            "program": contrasts["program"].astype(str).to_numpy(),
-            "effect": pd.to_numeric(contrasts["effect"], errors="coerce").to_numpy(dtype=float),
-            "qvalue": pd.to_numeric(contrasts["qvalue"], errors="coerce").to_numpy(dtype=float),
-        }
-    )
-    if con.duplicated(["perturbation", "program"]).any():
-        dup = con.loc[con.duplicated(["perturbation", "program"]), ["perturbation", "program"]]
-        raise ValueError(
-            f"contrasts has duplicate (perturbation, program) rows, e.g. {tuple(dup.iloc[0])}"
-        )
 
-    match = program_match.loc[:, ["planted_program", "program"]]
-    if match["planted_program"].duplicated().any():
-        raise ValueError("program_match lists a planted program twice")
-    to_recovered = {
-        str(p): (None if pd.isna(r) else str(r))
-        for p, r in zip(match["planted_program"], match["program"])
-    }
+# --- truth checks of a pipeline run on a simulated screen (``adata.uns['simulation']``) -----------
 
-    truth = truth_effects.reset_index(drop=True)
-    directions = truth["direction"].astype(str).str.lower()
-    bad = sorted(set(directions) - {"up", "down"})
-    if bad:
-        raise ValueError(f"truth_effects has direction(s) {bad}; expected 'up' or 'down'")
-    planted_programs = truth["program"].astype(str)
-    unknown = sorted(set(planted_programs) - set(to_recovered))
-    if unknown:
-        raise ValueError(f"program_match has no row for planted program(s) {unknown} of truth_effects")
-    perts = truth["perturbation"].astype(str)
-    if pd.DataFrame({"a": perts, "b": planted_programs}).duplicated().any():
-        raise ValueError("truth_effects lists a (perturbation, program) effect twice")
+def _planted_and_recovered_scores(adata) -> tuple[np.ndarray, list[str], pd.DataFrame]:
+    """Gene scores of the planted programs (expression regressed on the planted usage) and of the
+    recovered ones: the same scale for any model, so signed and non-negative loadings compare alike."""
+    X = factorized_matrix(adata)
+    planted = regression_scores(X, np.asarray(adata.obsm["simulation_usage"], dtype=float)).T
+    return planted, list(adata.uns["simulation"]["program_names"]), gene_scores(adata)
 
-    lookup = con.set_index(["perturbation", "program"])
-    rows = []
-    for i in range(len(truth)):
-        pert, planted, direction = perts.iloc[i], planted_programs.iloc[i], directions.iloc[i]
-        recovered_program = to_recovered[planted]
-        effect = qvalue = np.nan
-        if recovered_program is not None and (pert, recovered_program) in lookup.index:
-            effect, qvalue = lookup.loc[(pert, recovered_program), ["effect", "qvalue"]]
-        sign = 1.0 if direction == "up" else -1.0
-        ok = bool(np.isfinite(qvalue) and qvalue < fdr and np.isfinite(effect) and np.sign(effect) == sign)
-        rows.append(
-            {
-                "perturbation": pert,
-                "planted_program": planted,
-                "program": recovered_program,
-                "direction": direction,
-                "fold_change": (
-                    float(truth["fold_change"].iloc[i]) if "fold_change" in truth.columns else np.nan
-                ),
-                "effect": float(effect),
-                "qvalue": float(qvalue),
-                "recovered": ok,
-            }
-        )
-    table = pd.DataFrame(
-        rows,
-        columns=["perturbation", "planted_program", "program", "direction", "fold_change",
-                 "effect", "qvalue", "recovered"],
-    )
-    table["recovered"] = table["recovered"].astype(bool)
 
-    discoveries = con[con["qvalue"] < fdr]
-    true_pairs = set(
-        zip(table.loc[table["recovered"], "perturbation"], table.loc[table["recovered"], "program"])
-    )
-    is_true = [(p, g) in true_pairs for p, g in zip(discoveries["perturbation"], discoveries["program"])]
-    n_disc = int(len(discoveries))
-    n_true = int(np.sum(is_true))
-    on_null_target = ~discoveries["perturbation"].isin(set(perts)).to_numpy()
-    n_null = int(on_null_target.sum())
-    n_planted = int(len(table))
-    n_recovered = int(table["recovered"].sum())
-    judged = {}
-    if implied is not None:
-        _require_columns("implied", implied, ["perturbation", "program", "implied_effect_std"])
-        merged = discoveries.merge(implied.astype({"perturbation": str, "program": str}),
-                                   on=["perturbation", "program"], how="left")
-        implied_d = merged["implied_effect_std"].to_numpy(dtype=float)
-        sign_error = np.sign(implied_d) != np.sign(merged["effect"].to_numpy(dtype=float))
-        negligible = ~sign_error & ~(np.abs(implied_d) >= min_implied_effect)
-        judged = {
-            "n_sign_errors": int(sign_error.sum()),
-            "n_negligible": int(negligible.sum()),
-            "min_implied_effect": float(min_implied_effect),
-            "implied_false_discovery_proportion": float((sign_error | negligible).sum() / n_disc) if n_disc else 0.0,
-            "directional_false_discovery_proportion": float(sign_error.sum() / n_disc) if n_disc else 0.0,
-        }
-    return judged | {
-        "n_planted": n_planted,
-        "n_recovered": n_recovered,
-        "sensitivity": (n_recovered / n_planted) if n_planted else float("nan"),
-        "n_discoveries": n_disc,
-        "n_false_discoveries": n_disc - n_true,
-        "n_true_discoveries": n_true,
-        "n_null_target_discoveries": n_null,
-        "n_spillover_discoveries": n_disc - n_true - n_null,
-        "false_discovery_proportion": ((n_disc - n_true) / n_disc) if n_disc else 0.0,
-        "fdr": fdr,
-        "table": table,
-    }
+def program_recovery(adata) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """How well a factorised simulated screen recovered its planted programs.
+
+    Returns
+    -------
+    match : pandas.DataFrame
+        :func:`match_programs` of the planted and recovered gene scores (columns as there).
+    similarity : pandas.DataFrame, shape (planted programs, recovered programs)
+        :func:`program_similarity` of the same.
+    """
+    planted, names, scores = _planted_and_recovered_scores(adata)
+    match = match_programs(planted, scores.to_numpy(), names, list(scores.columns))
+    similarity = program_similarity(planted, scores.to_numpy(), names, list(scores.columns))
+    return match, similarity
+
+
+def screen_effect_recovery(adata, contrasts: pd.DataFrame, groups: pd.Series, control_label: str,
+                           fdr: float) -> dict:
+    """:func:`effect_recovery` of step 3's ``contrasts`` on a simulated screen, against its planted
+    effects and the shifts they imply, plus ``n_targets_called`` (targets with a hit),
+    ``n_null_targets`` and ``n_null_targets_called`` (targets with no planted effect that got a hit)."""
+    truth = adata.uns["simulation"]
+    implied = implied_effects(adata.obsm["simulation_usage"], usage(adata), groups.to_numpy(),
+                              control_label)
+    planted, names, scores = _planted_and_recovered_scores(adata)
+    match = match_programs(planted, scores.to_numpy(), names, list(scores.columns))
+    result = effect_recovery(contrasts, pd.DataFrame(truth["effects"]), match, fdr=fdr, implied=implied)
+    called = set(contrasts.loc[contrasts["qvalue"] < fdr, "perturbation"])
+    result.update(n_targets_called=len(called), n_null_targets=len(truth["null_targets"]),
+                  n_null_targets_called=len(called & set(truth["null_targets"])))
+    return result
+
+
+#: The keys of :func:`screen_effect_recovery` that demo_recovery.json keeps (the rest is the table).
+RECOVERY_SUMMARY_KEYS = (
+    "n_planted", "n_recovered", "sensitivity", "n_discoveries", "n_false_discoveries", "n_null_target_discoveries",
+    "n_spillover_discoveries", "false_discovery_proportion", "n_sign_errors", "n_negligible", "min_implied_effect",
+    "implied_false_discovery_proportion", "directional_false_discovery_proportion", "n_null_targets_called",
+)

@@ -27,21 +27,18 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-
-import warnings
-
 from scipy.optimize import linear_sum_assignment
 
-from ._seminmf import _safe_Wt_X
-from .consensus import ConsensusSweep, consensus_sweep, refit_usage, relative_error, with_covariates
-from .preprocess import InputError
+from ..decomposition._seminmf import _safe_Wt_X
+from ..decomposition._consensus import ConsensusSweep, consensus_sweep, refit_usage, relative_error, with_covariates
+from ..errors import InputError
 
 #: A kept program counts as reproduced on half of the cells when its loadings' cosine with its
 #: learn-half twin reaches this.
 REPRODUCED_COSINE = 0.8
 
-__all__ = ["factorize", "split_half", "program_names", "usage", "split_usage", "loadings", "gene_scores",
-           "normalize_factors", "regression_scores", "baseline_design"]
+__all__ = ["factorize", "split_half", "factorized_matrix", "program_names", "usage", "split_usage", "loadings",
+           "gene_scores", "normalize_factors", "regression_scores", "baseline_design"]
 
 
 def program_names(k: int) -> list[str]:
@@ -132,7 +129,7 @@ def factorize(
 ) -> ConsensusSweep:
     """Consensus factorisation over a sweep of k on ``layers[layer]`` restricted to ``var[mask_var]``.
 
-    For each k, ``n_restarts`` fits of ``model`` (see :func:`perturbnmf.consensus.consensus_sweep`)
+    For each k, ``n_restarts`` fits of ``model`` (see :func:`perturbnmf.decomposition.consensus_sweep`)
     give error, held-out error and stability; the kept model is the consensus for ``k`` (the
     suggested k when ``k`` is None), with usage refitted on all cells. Writes
     ``obsm['X_snmf']``, ``varm['snmf_loadings']``, ``varm['snmf_gene_scores']``,
@@ -144,15 +141,7 @@ def factorize(
     instead of taking programs, so the k programs are the programs (an NMF cannot subtract a
     baseline). Semi-NMF keeps the original analysis's model, without baselines.
     """
-    if k is not None and k not in k_values:
-        raise ValueError(f"'k' ({k}) must be one of 'k_values' {k_values}, or None to use the suggested k.")
-    if model == "nmf" and solver != "hals":
-        raise ValueError(f"'solver' {solver!r} is the multiplicative rule of semi-NMF; with 'model' 'nmf' use "
-                         "'solver: hals', or set 'model: seminmf'.")
-    if layer not in adata.layers:
-        raise ValueError(f"Layer {layer!r} is missing; run the preprocess step first (it writes 'normalized').")
-    if mask_var not in adata.var:
-        raise ValueError(f"var[{mask_var!r}] is missing; run the preprocess step first (it selects the genes).")
+    _check_factorize_options(adata, k_values, k, model, solver, layer, mask_var)
     used = adata.var[mask_var].to_numpy(dtype=bool)
     X = _used_matrix(adata, layer, mask_var)
     _check_k_values(k_values, *X.shape)
@@ -163,44 +152,18 @@ def factorize(
     chosen = result.suggested_k if k is None else k
     H, H_baseline = result.components[chosen], result.covariate_components[chosen]
     W, H, order = normalize_factors(refit_usage(X, H, Z, H_baseline), H)
-    position = np.argsort(order)  # consensus group -> program position
-    names = program_names(chosen)
-    loadings_all = np.zeros((adata.n_vars, chosen))
-    loadings_all[used] = H.T
-    scores_all = np.zeros((adata.n_vars, chosen))
-    scores_all[used] = regression_scores(X, W).T
+    _store_factors(adata, used, W, H, regression_scores(X, W), None if Z is None else H_baseline)
     table = result.table
-    row = table.loc[table["k"] == chosen].iloc[0]
-    adata.obsm["X_snmf"] = W.astype(np.float32)
-    adata.varm["snmf_loadings"] = loadings_all
-    adata.varm["snmf_gene_scores"] = scores_all
-    if Z is not None:
-        baseline_all = np.zeros((adata.n_vars, len(levels)))
-        baseline_all[used] = H_baseline.T
-        adata.varm["snmf_baseline"] = baseline_all
-    adata.var["snmf_used"] = used
-    trace = np.asarray(result.best_traces[chosen], dtype=float)
     adata.uns["snmf"] = {
         "model": model,
         "baseline": {"batch_key": batch_key, "levels": list(levels)} if Z is not None else {},
-        "k": int(chosen),
-        "suggested_k": int(result.suggested_k),
-        "k_rule": result.rule,
-        "k_source": "suggested" if k is None else "parameter k",
-        "program_names": names,
+        **_choice_record(result, chosen, k_source="suggested" if k is None else "parameter k"),
         "solver": solver,
         "seed": int(seed),
         "consensus": True,
         "n_restarts": int(n_restarts),
-        "n_iter": int(len(trace)),
-        "converged": bool(row["n_converged"] == n_restarts),
-        "objective": trace,
-        "relative_error": float(relative_error(X, *with_covariates(W, H, Z, H_baseline))),
-        "holdout_relative_error": float(row["holdout_relative_error"]),
-        "stability": float(row["stability"]),
-        "sweep": table,
-        "restart_programs": result.restart_components[chosen][0],
-        "restart_labels": _restart_labels(result.restart_components[chosen][1], position),
+        **_fit_record(result, chosen, n_restarts, relative_error(X, *with_covariates(W, H, Z, H_baseline)),
+                      position=np.argsort(order)),
         "params": {"k_values": [int(v) for v in k_values], "max_iter": int(max_iter), "tol": float(tol),
                    "density_threshold": None if density_threshold is None else float(density_threshold),
                    "holdout_fraction": float(holdout_fraction), "layer": layer, "mask_var": mask_var,
@@ -209,6 +172,69 @@ def factorize(
                    "sweep_seconds": float(table.attrs.get("wall_seconds", np.nan))},
     }
     return result
+
+
+def _check_factorize_options(adata: ad.AnnData, k_values: list[int], k: int | None, model: str, solver: str,
+                             layer: str, mask_var: str) -> None:
+    if k is not None and k not in k_values:
+        raise ValueError(f"'k' ({k}) must be one of 'k_values' {k_values}, or None to use the suggested k.")
+    if model == "nmf" and solver != "hals":
+        raise ValueError(f"'solver' {solver!r} is the multiplicative rule of semi-NMF; with 'model' 'nmf' use "
+                         "'solver: hals', or set 'model: seminmf'.")
+    if layer not in adata.layers:
+        raise ValueError(f"Layer {layer!r} is missing; run the preprocess step first (it writes 'normalized').")
+    if mask_var not in adata.var:
+        raise ValueError(f"var[{mask_var!r}] is missing; run the preprocess step first (it selects the genes).")
+
+
+def _store_factors(adata: ad.AnnData, used: np.ndarray, W: np.ndarray, H: np.ndarray, scores: np.ndarray,
+                   H_baseline: np.ndarray | None) -> None:
+    """Usage into ``obsm``; loadings, gene scores (and baselines) into ``varm``, zero for genes not factorised.
+
+    Shapes: W (n_cells × k); H and scores (k × n_used_genes); H_baseline (b × n_used_genes), or None
+    without baselines.
+    """
+    adata.obsm["X_snmf"] = W.astype(np.float32)
+    for key, rows in (("snmf_loadings", H), ("snmf_gene_scores", scores), ("snmf_baseline", H_baseline)):
+        if rows is not None:
+            per_gene = np.zeros((adata.n_vars, len(rows)))
+            per_gene[used] = rows.T
+            adata.varm[key] = per_gene
+    adata.var["snmf_used"] = used
+
+
+def _choice_record(result: ConsensusSweep, chosen: int, k_source: str) -> dict:
+    """The kept k, how it was chosen, and its programs' names (part of ``uns['snmf']``)."""
+    return {
+        "k": int(chosen),
+        "suggested_k": int(result.suggested_k),
+        "k_rule": result.rule,
+        "k_source": k_source,
+        "program_names": program_names(chosen),
+    }
+
+
+def _fit_record(result: ConsensusSweep, chosen: int, n_restarts: int, fitted_error: float,
+                position: np.ndarray) -> dict:
+    """The kept k's fit, its row of the sweep, and its restarts' programs (part of ``uns['snmf']``).
+
+    ``fitted_error`` is the relative error of the stored model (usage refitted on all cells);
+    ``position`` maps a consensus group to its program's position.
+    """
+    table = result.table
+    row = table.loc[table["k"] == chosen].iloc[0]
+    trace = np.asarray(result.best_traces[chosen], dtype=float)
+    return {
+        "n_iter": int(len(trace)),
+        "converged": bool(row["n_converged"] == n_restarts),
+        "objective": trace,
+        "relative_error": float(fitted_error),
+        "holdout_relative_error": float(row["holdout_relative_error"]),
+        "stability": float(row["stability"]),
+        "sweep": table,
+        "restart_programs": result.restart_components[chosen][0],
+        "restart_labels": _restart_labels(result.restart_components[chosen][1], position),
+    }
 
 
 def baseline_design(adata: ad.AnnData, batch_key: str | None) -> tuple[list[str], np.ndarray]:
@@ -296,6 +322,13 @@ def split_usage(adata: ad.AnnData) -> pd.DataFrame:
     test = (adata.obs["snmf_half"] == "test").to_numpy()
     return pd.DataFrame(adata.obsm["X_snmf_split"][test], index=adata.obs_names[test],
                         columns=adata.uns["snmf"]["program_names"])
+
+
+def factorized_matrix(adata: ad.AnnData):
+    """The matrix the kept model was fitted to (cells × selected genes of the layer ``uns['snmf']`` names),
+    sparse CSR when the layer is sparse."""
+    info = adata.uns["snmf"]["params"]
+    return _used_matrix(adata, info["layer"], info["mask_var"])
 
 
 def usage(adata: ad.AnnData) -> pd.DataFrame:

@@ -16,13 +16,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .runfolder import REPO_ROOT, public_path
+
 #: Packages whose versions can change the numbers in a report.
 PACKAGES = (
     "perturbnmf", "numpy", "scipy", "pandas", "scikit-learn", "anndata", "scanpy", "statsmodels",
     "gseapy", "matplotlib", "seaborn", "papermill", "nbconvert", "threadpoolctl",
 )
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def package_versions(packages=PACKAGES) -> dict[str, str]:
@@ -86,8 +86,6 @@ def collect(parameters: dict[str, Any], input_path: str | Path | None = None,
     ``input_sha256``: the input's checksum when the caller has already computed it (hashing a
     large h5ad twice costs seconds).
     """
-    from .report import public_path  # report imports this module
-
     record = {
         "parameters": dict(parameters),
         "seeds": seeds(parameters),

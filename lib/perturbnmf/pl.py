@@ -7,10 +7,14 @@ silently drop every figure from the reports).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.colors import Normalize
 
 __all__ = [
     "qc_distributions", "gene_selection", "cells_per_group", "cell_cycle_phases",
@@ -187,9 +191,13 @@ def objective_trace(objective: np.ndarray, k: int):
     return fig
 
 
-def usage_heatmap(usage: pd.DataFrame, groups: pd.Series, control_label: str,
-                  max_cells_per_group: int = 40, seed: int = 0):
-    """Program usage of cells grouped by perturbation (a random sample per group), scaled per program."""
+def _sampled_usage(usage: pd.DataFrame, groups: pd.Series, control_label: str, max_cells_per_group: int,
+                   seed: int) -> tuple[np.ndarray, list[tuple[str, int, int]]]:
+    """Usage of up to ``max_cells_per_group`` random cells per group, control first, then groups sorted.
+
+    Returns the (cells, programs) usage scaled to each program's 99th percentile and clipped to
+    [0, 1], and ``(group, start, stop)``: the rows of each group.
+    """
     rng = np.random.default_rng(seed)
     order = [control_label] + sorted(g for g in groups.unique() if g != control_label)
     picked, bounds = [], []
@@ -202,8 +210,14 @@ def usage_heatmap(usage: pd.DataFrame, groups: pd.Series, control_label: str,
     values = usage.iloc[picked].to_numpy()
     scale = np.quantile(values, 0.99, axis=0)
     scale[scale == 0] = 1.0
-    values = np.clip(values / scale, 0, 1)
-    fig, ax = plt.subplots(figsize=(min(16, 5 + 0.06 * len(picked)), 1.8 + 0.28 * usage.shape[1]))
+    return np.clip(values / scale, 0, 1), bounds
+
+
+def usage_heatmap(usage: pd.DataFrame, groups: pd.Series, control_label: str,
+                  max_cells_per_group: int = 40, seed: int = 0):
+    """Program usage of cells grouped by perturbation (a random sample per group), scaled per program."""
+    values, bounds = _sampled_usage(usage, groups, control_label, max_cells_per_group, seed)
+    fig, ax = plt.subplots(figsize=(min(16, 5 + 0.06 * len(values)), 1.8 + 0.28 * usage.shape[1]))
     image = ax.imshow(values.T, aspect="auto", cmap="viridis", interpolation="nearest")
     for _, start, stop in bounds[1:]:
         ax.axvline(start - 0.5, color="white", linewidth=0.6)
@@ -320,7 +334,7 @@ def volcano(contrasts: pd.DataFrame, fdr: float, labels: dict | None = None, nco
     Parameters
     ----------
     contrasts : DataFrame
-        :func:`perturbnmf.stats.program_contrasts` output (``program``, ``perturbation``,
+        :func:`perturbnmf.tl.program_contrasts` output (``program``, ``perturbation``,
         ``effect_std``, ``pvalue``, ``qvalue``).
     labels : dict, optional
         Program → label for the panel titles.
@@ -471,6 +485,222 @@ def _label_mapping(labels) -> dict:
     raise ValueError(f"labels must be a mapping program -> label (or program_labels() output), got {type(labels)!r}")
 
 
+_DOTPLOT_FONT = 8
+# side of a program's loadings -> column order; any other side value sorts last, unmarked
+_SIDE_RANK = {"positive": 0, "negative": 1}
+_SIDE_MARK = {0: " (+)", 1: " (−)", 2: ""}
+# the size legend shows up to four of these, those not below the smallest q-value plotted
+_LEGEND_QVALUES = (0.05, 1e-3, 1e-6, 1e-10, 1e-20)
+
+
+@dataclass(frozen=True)
+class _Dotplot:
+    """What :func:`enrichment_dotplot` draws, computed without drawing."""
+
+    dots: pd.DataFrame  # one row per (program, side, term): ``column``, ``row`` (positions), ``size``, ``colour``
+    column_labels: list[str]
+    row_labels: list[str]  # wrapped term names
+    xlabel: str
+    colour_label: str
+    cmap: str
+    norm: Normalize | None  # None: the colour range is the data's
+    legend_sizes: list[tuple[float, float]]  # (q-value, dot size) per entry of the size legend
+
+
+class _LabelExtents(NamedTuple):
+    """Inches taken by what surrounds the dot grid, measured on the drawn figure."""
+
+    ytick_width: float
+    xtick_height: float
+    legend_width: float
+    legend_height: float
+    colour_bar_width: float
+    title_width: float
+
+
+def _check_dotplot_args(top: pd.DataFrame, max_term_chars, wrap_width, max_label_chars) -> None:
+    missing = [c for c in ("program", "term", "qvalue") if c not in top.columns]
+    if missing:
+        raise ValueError(f"top lacks column(s) {missing}; expected top_terms() output")
+    if len(top) == 0:
+        raise ValueError("top is empty: no terms to plot (did any term pass the FDR threshold?)")
+    for name, value, low in (("max_term_chars", max_term_chars, 2), ("wrap_width", wrap_width, 5),
+                             ("max_label_chars", max_label_chars, 2)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _dot_size(neglog_q, largest: float):
+    """Marker area from −log10 q: 20 points² plus up to 180 for the largest value plotted."""
+    return 20 + 180 * np.asarray(neglog_q, dtype=float) / largest
+
+
+def _sorted_terms(top: pd.DataFrame) -> pd.DataFrame:
+    """``top`` with a side rank ``_side`` and a term identity ``_term_key``, by program, side and p-value."""
+    data = top.copy()
+    if "pvalue" not in data.columns:
+        data["pvalue"] = data["qvalue"]
+    data["_side"] = data["side"].map(_SIDE_RANK).fillna(2) if "side" in data.columns else 0
+    data["_term_key"] = (list(zip(data["library"], data["term"])) if "library" in data.columns
+                         else list(data["term"]))
+    return data.sort_values(["program", "_side", "pvalue", "term"], kind="mergesort")
+
+
+def _column_labels(columns, label_of: dict, max_label_chars: int, has_side: bool) -> list[str]:
+    """Program label (or id), cut to ``max_label_chars``, marked with its side."""
+    texts = []
+    for program, side in columns:
+        text = str(label_of.get(program, program))
+        if len(text) > max_label_chars:
+            text = text[: max_label_chars - 1].rstrip() + "…"
+        texts.append(text + (_SIDE_MARK[side] if has_side else ""))
+    return texts
+
+
+def _row_labels(data: pd.DataFrame, keys: list, tidy_terms: bool, wrap_width: int, max_term_chars: int) -> list[str]:
+    """The name of each term, tidied if asked, cut and wrapped."""
+    dedup = data.drop_duplicates("_term_key")
+    first = dict(zip(dedup["_term_key"], dedup["term"]))
+    if tidy_terms:
+        from .tl import tidy_term
+        names = [tidy_term(first[k], max_chars=None) for k in keys]
+    else:
+        names = [str(first[k]) for k in keys]
+    return [_wrap_term(n, wrap_width, max_term_chars) for n in names]
+
+
+def _dot_colours(data: pd.DataFrame) -> tuple[np.ndarray, str, str, Normalize | None]:
+    """Colour value per dot, colour map, colour-bar label and norm."""
+    if "combined_score" in data.columns:
+        # Enrichr's odds ratio explodes for small sets, so the combined score spans decades: colour on log10.
+        colour = np.log10(data["combined_score"].astype(float).clip(lower=1e-3)).to_numpy()
+        return colour, "viridis_r", "log10 combined score", None
+    if "nes" in data.columns:
+        colour = data["nes"].astype(float).to_numpy()
+        lim = max(float(np.nanmax(np.abs(colour))), 1e-9)
+        return colour, "RdBu_r", "NES", Normalize(-lim, lim)
+    return np.full(len(data), 0.5), "viridis_r", "", None
+
+
+def _dotplot_data(top: pd.DataFrame, *, max_term_chars: int, labels, wrap_width: int, max_label_chars: int,
+                  tidy_terms: bool) -> _Dotplot:
+    """Positions, sizes, colours and labels of the enrichment dot plot (see :func:`enrichment_dotplot`)."""
+    label_of = _label_mapping(labels)
+    data = _sorted_terms(top)
+    has_side = "side" in data.columns
+    # columns: programs in sorted order, positive before negative
+    columns = list(dict.fromkeys(zip(data["program"], data["_side"])))
+    # rows: terms in order of first appearance (program, side, pvalue): a rough diagonal
+    keys = list(dict.fromkeys(data["_term_key"]))
+    column_of = {key: i for i, key in enumerate(columns)}
+    row_of = {key: i for i, key in enumerate(keys)}
+    neglog = -np.log10(data["qvalue"].astype(float).clip(lower=1e-300)).to_numpy()
+    largest = max(float(np.nanmax(neglog)), 1e-9)
+    colour, cmap, colour_label, norm = _dot_colours(data)
+    dots = pd.DataFrame({
+        "column": [column_of[(p, s)] for p, s in zip(data["program"], data["_side"])],
+        "row": [row_of[k] for k in data["_term_key"]],
+        "size": _dot_size(neglog, largest),
+        "colour": colour,
+    })
+    qmin = float(data["qvalue"].min())
+    levels = [q for q in _LEGEND_QVALUES if q >= qmin][:4] or [qmin]
+    return _Dotplot(
+        dots=dots,
+        column_labels=_column_labels(columns, label_of, max_label_chars, has_side),
+        row_labels=_row_labels(data, keys, tidy_terms, wrap_width, max_term_chars),
+        xlabel="program (+ positive / − negative loadings)" if has_side else "program",
+        colour_label=colour_label,
+        cmap=cmap,
+        norm=norm,
+        legend_sizes=[(q, float(_dot_size(-np.log10(max(q, 1e-300)), largest))) for q in levels],
+    )
+
+
+def _draw_dots(fig, plot: _Dotplot, title: str):
+    """The dot grid with its tick labels, axis labels and title; returns the axes and the dots."""
+    ax = fig.add_axes([0.3, 0.3, 0.4, 0.4])  # provisional: _fit_dotplot places it once labels are measured
+    dots = plot.dots
+    points = ax.scatter(dots["column"].to_numpy(), dots["row"].to_numpy(), s=dots["size"].to_numpy(),
+                        c=dots["colour"].to_numpy(), cmap=plot.cmap, norm=plot.norm, edgecolors="black",
+                        linewidths=0.3)
+    n_columns, n_rows = len(plot.column_labels), len(plot.row_labels)
+    ax.set_xticks(range(n_columns))
+    ax.set_xticklabels(plot.column_labels, rotation=90, fontsize=_DOTPLOT_FONT)
+    ax.set_yticks(range(n_rows))
+    ax.set_yticklabels(plot.row_labels, fontsize=_DOTPLOT_FONT, linespacing=0.95)
+    ax.set_xlim(-0.6, n_columns - 0.4)
+    ax.set_ylim(n_rows - 0.5, -0.5)
+    ax.grid(True, color="#eeeeee", linewidth=0.5, zorder=0)
+    ax.set_axisbelow(True)
+    ax.set_xlabel(plot.xlabel)
+    ax.set_ylabel("gene set")
+    ax.set_title(title, fontsize=10)
+    return ax, points
+
+
+def _draw_colour_bar(fig, points, label: str):
+    cax = fig.add_axes([0.8, 0.3, 0.02, 0.3])  # provisional, as the dot axes
+    cbar = fig.colorbar(points, cax=cax)
+    cbar.set_label(label, fontsize=_DOTPLOT_FONT)
+    cbar.ax.tick_params(labelsize=_DOTPLOT_FONT)
+    return cax
+
+
+def _draw_size_legend(fig, ax, legend_sizes: list[tuple[float, float]]):
+    # empty scatters on the dot axes make legend markers styled as the dots
+    handles = [ax.scatter([], [], s=size, c="white", edgecolors="black", label=f"q = {q:.2g}")
+               for q, size in legend_sizes]
+    return fig.legend(handles=handles, title="size: −log10 q", frameon=False, fontsize=_DOTPLOT_FONT,
+                      title_fontsize=_DOTPLOT_FONT, loc="upper left", labelspacing=1.2, borderaxespad=0.0)
+
+
+def _label_extents(fig, ax, cax, legend) -> _LabelExtents:
+    renderer = fig.canvas.get_renderer()
+    dpi = fig.dpi
+
+    def _largest(artists, attr):
+        sizes = [getattr(a.get_window_extent(renderer), attr) for a in artists if a.get_text()]
+        return max(sizes, default=0.0) / dpi
+
+    ytick_width = _largest(ax.get_yticklabels(), "width")
+    xtick_height = _largest(ax.get_xticklabels(), "height")
+    legend_box = legend.get_window_extent(renderer)
+    return _LabelExtents(
+        ytick_width=ytick_width,
+        xtick_height=xtick_height,
+        legend_width=legend_box.width / dpi,
+        legend_height=legend_box.height / dpi,
+        colour_bar_width=cax.get_tightbbox(renderer).width / dpi,
+        title_width=ax.title.get_window_extent(renderer).width / dpi,
+    )
+
+
+def _fit_dotplot(fig, ax, cax, legend, plot: _Dotplot) -> None:
+    """Size the figure in inches around a grid of fixed cells; legend and colour bar in a column right of it."""
+    extents = _label_extents(fig, ax, cax, legend)
+    col_w = 0.3
+    row_h = 0.34 if any("\n" in t for t in plot.row_labels) else 0.22
+    cbar_min_h = 1.2
+    ax_w = max(len(plot.column_labels) * col_w, 1.5)
+    ax_h = max(len(plot.row_labels) * row_h, extents.legend_height + 0.4 + cbar_min_h)
+    left = extents.ytick_width + 0.45
+    bottom = extents.xtick_height + 0.55
+    top_m = 0.45
+    gap = 0.3
+    panel_w = max(extents.legend_width, extents.colour_bar_width) + 0.2
+    width = left + ax_w + gap + panel_w
+    # keep the title inside the figure when the dot grid is narrow
+    width = max(width, left + ax_w / 2 + extents.title_width / 2 + 0.1)
+    height = bottom + ax_h + top_m
+    fig.set_size_inches(width, height)
+    ax.set_position([left / width, bottom / height, ax_w / width, ax_h / height])
+    panel_x = left + ax_w + gap
+    legend.set_bbox_to_anchor((panel_x / width, (bottom + ax_h) / height), transform=fig.transFigure)
+    cbar_h = min(2.2, ax_h - extents.legend_height - 0.4)
+    cax.set_position([panel_x / width, bottom / height, 0.15 / width, cbar_h / height])
+
+
 def enrichment_dotplot(top: pd.DataFrame, max_term_chars: int = 60, labels=None, *, wrap_width: int = 36,
                        max_label_chars: int = 48, tidy_terms: bool = False,
                        title: str = "Top enriched gene sets per program"):
@@ -513,128 +743,12 @@ def enrichment_dotplot(top: pd.DataFrame, max_term_chars: int = 60, labels=None,
     ValueError
         ``top`` empty or lacking columns, or bad ``labels``.
     """
-    missing = [c for c in ("program", "term", "qvalue") if c not in top.columns]
-    if missing:
-        raise ValueError(f"top lacks column(s) {missing}; expected top_terms() output")
-    if len(top) == 0:
-        raise ValueError("top is empty: no terms to plot (did any term pass the FDR threshold?)")
-    for name, value, low in (("max_term_chars", max_term_chars, 2), ("wrap_width", wrap_width, 5),
-                             ("max_label_chars", max_label_chars, 2)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    label_of = _label_mapping(labels)
-    data = top.copy()
-    if "pvalue" not in data.columns:
-        data["pvalue"] = data["qvalue"]
-    has_side = "side" in data.columns
-    side_rank = {"positive": 0, "negative": 1}
-    data["_side"] = data["side"].map(side_rank).fillna(2) if has_side else 0
-    data["_term_key"] = (list(zip(data["library"], data["term"])) if "library" in data.columns
-                         else list(data["term"]))
-    data = data.sort_values(["program", "_side", "pvalue", "term"], kind="mergesort")
-
-    # columns: programs in sorted order, positive before negative
-    lists = list(dict.fromkeys(zip(data["program"], data["_side"])))
-    col_of = {key: i for i, key in enumerate(lists)}
-    marks = {0: " (+)", 1: " (−)", 2: ""}
-
-    def _col_text(program, side):
-        text = str(label_of.get(program, program))
-        if len(text) > max_label_chars:
-            text = text[: max_label_chars - 1].rstrip() + "…"
-        return text + (marks[side] if has_side else "")
-
-    col_texts = [_col_text(p, s) for p, s in lists]
-    # rows: terms in order of first appearance (program, side, pvalue): a rough diagonal
-    keys = list(dict.fromkeys(data["_term_key"]))
-    row_of = {k: i for i, k in enumerate(keys)}
-    dedup = data.drop_duplicates("_term_key")
-    first = dict(zip(dedup["_term_key"], dedup["term"]))
-    if tidy_terms:
-        from perturbnmf.enrichment import tidy_term
-        names = [tidy_term(first[k], max_chars=None) for k in keys]
-    else:
-        names = [str(first[k]) for k in keys]
-    row_texts = [_wrap_term(n, wrap_width, max_term_chars) for n in names]
-
-    x = np.array([col_of[(p, s)] for p, s in zip(data["program"], data["_side"])])
-    y = np.array([row_of[k] for k in data["_term_key"]])
-    neglog = -np.log10(data["qvalue"].astype(float).clip(lower=1e-300)).to_numpy()
-    top_size = max(float(np.nanmax(neglog)), 1e-9)
-
-    def _size(v):
-        return 20 + 180 * np.asarray(v, dtype=float) / top_size
-
-    if "combined_score" in data.columns:
-        # Enrichr's odds ratio explodes for small sets, so the combined score spans decades: colour on log10.
-        colour, cmap, clabel, norm = np.log10(data["combined_score"].astype(float).clip(lower=1e-3)), "viridis_r", \
-            "log10 combined score", None
-    elif "nes" in data.columns:
-        colour = data["nes"].astype(float).to_numpy()
-        lim = max(float(np.nanmax(np.abs(colour))), 1e-9)
-        cmap, clabel, norm = "RdBu_r", "NES", plt.Normalize(-lim, lim)
-    else:
-        colour, cmap, clabel, norm = np.full(len(data), 0.5), "viridis_r", "", None
-
-    font = 8
+    _check_dotplot_args(top, max_term_chars, wrap_width, max_label_chars)
+    plot = _dotplot_data(top, max_term_chars=max_term_chars, labels=labels, wrap_width=wrap_width,
+                         max_label_chars=max_label_chars, tidy_terms=tidy_terms)
     fig = plt.figure(figsize=(8, 6))
-    ax = fig.add_axes([0.3, 0.3, 0.4, 0.4])
-    points = ax.scatter(x, y, s=_size(neglog), c=colour, cmap=cmap, norm=norm, edgecolors="black", linewidths=0.3)
-    ax.set_xticks(range(len(lists)))
-    ax.set_xticklabels(col_texts, rotation=90, fontsize=font)
-    ax.set_yticks(range(len(keys)))
-    ax.set_yticklabels(row_texts, fontsize=font, linespacing=0.95)
-    ax.set_xlim(-0.6, len(lists) - 0.4)
-    ax.set_ylim(len(keys) - 0.5, -0.5)
-    ax.grid(True, color="#eeeeee", linewidth=0.5, zorder=0)
-    ax.set_axisbelow(True)
-    ax.set_xlabel("program (+ positive / − negative loadings)" if has_side else "program")
-    ax.set_ylabel("gene set")
-    ax.set_title(title, fontsize=10)
-    cax = fig.add_axes([0.8, 0.3, 0.02, 0.3])
-    cbar = fig.colorbar(points, cax=cax)
-    cbar.set_label(clabel, fontsize=font)
-    cbar.ax.tick_params(labelsize=font)
-    qmin = float(data["qvalue"].min())
-    levels = [q for q in (0.05, 1e-3, 1e-6, 1e-10, 1e-20) if q >= qmin][:4] or [qmin]
-    handles = [ax.scatter([], [], s=float(_size(-np.log10(max(q, 1e-300)))), c="white", edgecolors="black",
-                          label=f"q = {q:.2g}") for q in levels]
-    legend = fig.legend(handles=handles, title="size: −log10 q", frameon=False, fontsize=font,
-                        title_fontsize=font, loc="upper left", labelspacing=1.2, borderaxespad=0.0)
-
-    # measure the labels, then size the figure in inches around a grid of fixed cells
-    renderer = fig.canvas.get_renderer()
-    dpi = fig.dpi
-
-    def _extent(artists, attr):
-        sizes = [getattr(a.get_window_extent(renderer), attr) for a in artists if a.get_text()]
-        return max(sizes, default=0.0) / dpi
-
-    ytick_w = _extent(ax.get_yticklabels(), "width")
-    xtick_h = _extent(ax.get_xticklabels(), "height")
-    leg_box = legend.get_window_extent(renderer)
-    leg_w, leg_h = leg_box.width / dpi, leg_box.height / dpi
-    cbar_w = cax.get_tightbbox(renderer).width / dpi
-    title_w = ax.title.get_window_extent(renderer).width / dpi
-
-    col_w = 0.3
-    row_h = 0.34 if any("\n" in t for t in row_texts) else 0.22
-    cbar_min_h = 1.2
-    ax_w = max(len(lists) * col_w, 1.5)
-    ax_h = max(len(keys) * row_h, leg_h + 0.4 + cbar_min_h)
-    left = ytick_w + 0.45
-    bottom = xtick_h + 0.55
-    top_m = 0.45
-    gap = 0.3
-    panel_w = max(leg_w, cbar_w) + 0.2
-    width = left + ax_w + gap + panel_w
-    # keep the title inside the figure when the dot grid is narrow
-    width = max(width, left + ax_w / 2 + title_w / 2 + 0.1)
-    height = bottom + ax_h + top_m
-    fig.set_size_inches(width, height)
-    ax.set_position([left / width, bottom / height, ax_w / width, ax_h / height])
-    panel_x = left + ax_w + gap
-    legend.set_bbox_to_anchor((panel_x / width, (bottom + ax_h) / height), transform=fig.transFigure)
-    cbar_h = min(2.2, ax_h - leg_h - 0.4)
-    cax.set_position([panel_x / width, bottom / height, 0.15 / width, cbar_h / height])
+    ax, points = _draw_dots(fig, plot, title)
+    cax = _draw_colour_bar(fig, points, plot.colour_label)
+    legend = _draw_size_legend(fig, ax, plot.legend_sizes)
+    _fit_dotplot(fig, ax, cax, legend, plot)
     return fig

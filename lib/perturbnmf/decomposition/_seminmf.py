@@ -361,16 +361,29 @@ def _residual_norm(X, W, H, *, block_elements=2**22):
     -------
     float
     """
-    n_samples, n_features = X.shape
-    step = max(1, block_elements // max(n_features, 1))
     total = 0.0
-    for start in range(0, n_samples, step):
-        stop = min(start + step, n_samples)
-        block = X[start:stop]
-        block = block.toarray() if sp.issparse(block) else np.asarray(block)
-        R = block - W[start:stop] @ H
+    for _, R in _residual_blocks(X, W, H, block_rows=max(1, block_elements // max(X.shape[1], 1))):
         total += float(np.dot(R.ravel(), R.ravel()))
     return float(np.sqrt(total))
+
+
+def _residual_blocks(X, W, H, *, block_rows):
+    """The residual ``X - W H`` in dense float64 blocks of ``block_rows`` rows, top to bottom.
+
+    Only one block of a sparse X is densified at a time. Callers reduce the blocks (a total,
+    or a norm per row) in this fixed order, so their sums do not depend on who calls.
+
+    Yields
+    ------
+    rows : slice
+        The rows of X the block covers.
+    R : ndarray of shape (n_block_rows, n_features)
+    """
+    for start in range(0, X.shape[0], block_rows):
+        rows = slice(start, start + block_rows)
+        block = X[rows]
+        block = block.toarray() if sp.issparse(block) else np.asarray(block)
+        yield rows, block - W[rows] @ H
 
 
 def _uniform_open_closed(random_state, shape):
@@ -855,6 +868,64 @@ def _nnls_rows_exact(W, B, Q, rows):
 
 
 # --------------------------------------------------------------------------
+# Input checks (the estimator's _validate_X)
+# --------------------------------------------------------------------------
+def _check_shape_and_kinds(X):
+    """Refuse an X that is not 2-D, is empty or is complex, before any conversion.
+
+    Parameters
+    ----------
+    X : array-like, sparse matrix or DataFrame
+
+    Returns
+    -------
+    set of str
+        The dtype kinds of X's values (one per column of a DataFrame), e.g. ``{"f"}``.
+    """
+    if sp.issparse(X) or (hasattr(X, "shape") and hasattr(X, "dtypes")):
+        array = None
+        shape = tuple(X.shape)
+    else:
+        array = np.asarray(X)
+        shape = array.shape
+    if len(shape) != 2:
+        raise ValueError(
+            "X must be a 2-D array of shape (n_samples, n_features); got "
+            f"{len(shape)}-D input of shape {shape}. Reshape your data: use "
+            "X.reshape(1, -1) for a single sample or X.reshape(-1, 1) for a "
+            "single feature."
+        )
+    if shape[0] == 0 or shape[1] == 0:
+        raise ValueError(
+            f"X is empty: found array with {shape[0]} sample(s) and {shape[1]} "
+            f"feature(s) (shape={shape}) while a minimum of 1 is required; X "
+            "needs at least one sample (row) and one feature (column)."
+        )
+    if array is not None:
+        kinds = {array.dtype.kind}
+    elif sp.issparse(X):
+        kinds = {X.dtype.kind}
+    else:  # DataFrame
+        kinds = {getattr(dt, "kind", "O") for dt in X.dtypes}
+    if "c" in kinds:
+        raise ValueError(
+            "X must be real-valued: Complex data not supported by SemiNMF."
+        )
+    return kinds
+
+
+def _canonical_csr(X, dtype):
+    """A sparse X as CSR without duplicate entries (they would count twice in ``||X||``), values in ``dtype``."""
+    X = X.tocsr()
+    if not X.has_canonical_format:
+        X = X.copy()
+        X.sum_duplicates()
+    if X.dtype != dtype:  # convert the values only; indices are shared
+        X = sp.csr_matrix((X.data.astype(dtype), X.indices, X.indptr), shape=X.shape, copy=False)
+    return X
+
+
+# --------------------------------------------------------------------------
 # Estimator
 # --------------------------------------------------------------------------
 class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -984,35 +1055,7 @@ class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
     def _validate_X(self, X, *, reset):
         """Validate ``X``; return it dense or CSR in the fitting dtype (values converted only)."""
-        if sp.issparse(X) or (hasattr(X, "shape") and hasattr(X, "dtypes")):
-            arr = None
-            shape = tuple(X.shape)
-        else:
-            arr = np.asarray(X)
-            shape = arr.shape
-        if len(shape) != 2:
-            raise ValueError(
-                "X must be a 2-D array of shape (n_samples, n_features); got "
-                f"{len(shape)}-D input of shape {shape}. Reshape your data: use "
-                "X.reshape(1, -1) for a single sample or X.reshape(-1, 1) for a "
-                "single feature."
-            )
-        if shape[0] == 0 or shape[1] == 0:
-            raise ValueError(
-                f"X is empty: found array with {shape[0]} sample(s) and {shape[1]} "
-                f"feature(s) (shape={shape}) while a minimum of 1 is required; X "
-                "needs at least one sample (row) and one feature (column)."
-            )
-        if arr is not None:
-            kinds = {arr.dtype.kind}
-        elif sp.issparse(X):
-            kinds = {X.dtype.kind}
-        else:  # DataFrame
-            kinds = {getattr(dt, "kind", "O") for dt in X.dtypes}
-        if "c" in kinds:
-            raise ValueError(
-                "X must be real-valued: Complex data not supported by SemiNMF."
-            )
+        kinds = _check_shape_and_kinds(X)
         dtype = self._fit_dtype()
         try:
             X = validate_data(
@@ -1030,12 +1073,7 @@ class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 raise
             raise type(exc)(f"X must contain only numeric values: {exc}") from exc
         if sp.issparse(X):
-            X = X.tocsr()
-            if not X.has_canonical_format:
-                X = X.copy()
-                X.sum_duplicates()
-            if X.dtype != dtype:  # convert the values only; indices are shared
-                X = sp.csr_matrix((X.data.astype(dtype), X.indices, X.indptr), shape=X.shape, copy=False)
+            X = _canonical_csr(X, dtype)
             values = X.data
         else:
             if self.dtype != "auto":  # "auto" uses a dense float array as it is: no copy
@@ -1295,7 +1333,7 @@ class NMF(SemiNMF):
     ``components_`` is non-negative.
 
     A program cannot lower genes in this model: genes that fall as a program rises are read
-    from the signed regression of expression on usage (:func:`perturbnmf.factorize.gene_scores`).
+    from the signed regression of expression on usage (:func:`perturbnmf.tl.gene_scores`).
     """
 
     _parameter_constraints: dict = {**SemiNMF._parameter_constraints, "solver": [StrOptions({"hals"})]}

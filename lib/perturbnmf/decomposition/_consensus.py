@@ -27,6 +27,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -35,7 +36,7 @@ from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import silhouette_samples
 
-from ._seminmf import NMF, SemiNMF, _nnls_rows_cd, _objective, _safe_X_Ht, _squared_norm
+from ._seminmf import NMF, SemiNMF, _nnls_rows_cd, _objective, _residual_blocks, _safe_X_Ht, _squared_norm
 
 __all__ = ["MODELS", "ConsensusSweep", "consensus_sweep", "holdout_error", "refit_usage", "relative_error",
            "suggest_k"]
@@ -212,11 +213,8 @@ def with_covariates(W, H, covariates, covariate_components):
 def _row_residuals(X, W, H, *, block_rows=4096) -> np.ndarray:
     """``‖x_i − w_i H‖²`` per row, in row blocks (a sparse X is densified a block at a time)."""
     out = np.empty(X.shape[0])
-    for start in range(0, X.shape[0], block_rows):
-        block = X[start:start + block_rows]
-        block = block.toarray() if sp.issparse(block) else np.asarray(block, dtype=np.float64)
-        R = block - W[start:start + block_rows] @ H
-        out[start:start + block_rows] = np.einsum("ij,ij->i", R, R)
+    for rows, R in _residual_blocks(X, W, H, block_rows=block_rows):
+        out[rows] = np.einsum("ij,ij->i", R, R)
     return out
 
 
@@ -256,7 +254,7 @@ def _consensus_for_k(X_train, X_holdout, Z_train, Z_holdout, gene_halves, fits, 
         H_median, labels, stability, stability_se = _cluster(H_all, kept, k, n_restarts, seed)
         H_cov = np.median([res["H_cov"] for res in fits], axis=0)  # covariates' loadings: aligned, no grouping
         W_train, H, H_cov = _polish(X_train, H_median, H_cov, Z_train, model, solver, max_iter, tol, alpha_W,
-                                    l1_ratio)
+                                    l1_ratio, random_state=seed)
         best = min(fits, key=lambda res: res["objective"])
         residuals = (_holdout_residuals(X_holdout, H, gene_halves, Z_holdout, H_cov) if X_holdout is not None
                      else None)
@@ -342,10 +340,12 @@ def _cluster(H_all: np.ndarray, kept: np.ndarray, k: int, n_restarts: int, seed:
     return H / np.where(norms > 0, norms, 1.0), np.where(kept, labels, -1), stability, stability_se
 
 
-def _polish(X, H_median, H_cov, Z, model, solver, max_iter, tol, alpha_W=0.0, l1_ratio=0.0):
+def _polish(X, H_median, H_cov, Z, model, solver, max_iter, tol, alpha_W=0.0, l1_ratio=0.0, random_state=None):
     """Fit once more from the consensus: usage refitted to the median programs, then the solver
     to tolerance. The median of restarts that disagree fits worse than any restart; this finds
-    the nearby optimum, so the kept programs are the consensus ones, fitted.
+    the nearby optimum, so the kept programs are the consensus ones, fitted. ``random_state``
+    seeds the re-seeding of a program whose usage dies (the start itself is the consensus), so
+    that a sweep with a seed gives the same programs every time.
 
     Returns
     -------
@@ -355,7 +355,7 @@ def _polish(X, H_median, H_cov, Z, model, solver, max_iter, tol, alpha_W=0.0, l1
         The covariates' loadings (b = 0 without covariates).
     """
     estimator = MODELS[model](n_components=H_median.shape[0], solver=solver, init="custom", max_iter=max_iter,
-                              tol=tol, alpha_W=alpha_W, l1_ratio=l1_ratio)
+                              tol=tol, alpha_W=alpha_W, l1_ratio=l1_ratio, random_state=random_state)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence is judged on the restarts
         W = estimator.fit_transform(X, W=refit_usage(X, H_median, Z, H_cov), H=H_median, covariates=Z)
@@ -545,14 +545,67 @@ def consensus_sweep(
         cells.
     """
     k_values = sorted(int(k) for k in k_values)
+    _check_sweep_options(model, n_restarts, holdout_fraction)
+    split = _split_cells(X, covariates, MODELS[model](n_components=max(k_values), solver=solver), holdout_fraction,
+                         random_state)
+    tasks = _restart_tasks(k_values, n_restarts, random_state)
+    n_jobs, threads = _worker_layout(n_jobs, len(tasks))
+    if progress is None:
+        progress = sys.stderr.isatty()
+    start = time.perf_counter()
+    run = _runner(n_jobs)
+    restarts = list(_progress(
+        run((_fit_restart, (split.X_train, split.Z_train, k, seed, model, solver, init, max_iter, tol, alpha_W,
+                            l1_ratio, threads))
+            for k, seed in tasks),
+        len(tasks), progress,
+    ))
+    fit_seconds = time.perf_counter() - start
+    per_k = list(run(
+        (_consensus_for_k, (split.X_train, split.X_holdout, split.Z_train, split.Z_holdout, split.gene_halves,
+                            [res for res in restarts if res["k"] == k], k,
+                            n_restarts, model, solver, max_iter, tol, alpha_W, l1_ratio, density_threshold,
+                            random_state, threads))
+        for k in k_values
+    ))
+    result = _sweep_result(k_values, per_k, split.holdout)
+    result.table.attrs.update(wall_seconds=time.perf_counter() - start, fit_wall_seconds=fit_seconds,
+                              n_jobs=n_jobs, threads_per_job=threads)
+    return result
+
+
+def _check_sweep_options(model: str, n_restarts: int, holdout_fraction: float) -> None:
     if model not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}.")
     if n_restarts < 1:
         raise ValueError(f"n_restarts must be >= 1, got {n_restarts}.")
     if not 0 <= holdout_fraction <= 0.5:
         raise ValueError(f"holdout_fraction must lie in [0, 0.5], got {holdout_fraction}.")
+
+
+class _CellSplit(NamedTuple):
+    """The cells a sweep learns from and the held-out ones (X and covariates), and the genes' two halves."""
+
+    X_train: np.ndarray | sp.csr_matrix
+    X_holdout: np.ndarray | sp.csr_matrix | None
+    Z_train: np.ndarray | None
+    Z_holdout: np.ndarray | None
+    holdout: np.ndarray
+    gene_halves: list[np.ndarray]
+
+
+def _split_cells(X, covariates, probe: SemiNMF, holdout_fraction: float, random_state: int) -> _CellSplit:
+    """Validate X (and the covariates) with ``probe``, the estimator of the largest k, and draw the hold-out.
+
+    The cells held out and the gene halves of bi-cross-validation come from child 0 of
+    ``SeedSequence(random_state)``; the restarts' seeds are the next children.
+
+    Raises
+    ------
+    ValueError
+        As :func:`consensus_sweep`.
+    """
     # Validate and convert once (dtype, CSR), so workers receive the matrix they fit.
-    probe = MODELS[model](n_components=max(k_values), solver=solver)
     X = probe._validate_X(X, reset=True)
     probe._check_sign(X)
     n_cells = X.shape[0]
@@ -560,28 +613,40 @@ def consensus_sweep(
     n_holdout = int(round(holdout_fraction * n_cells))
     holdout = np.sort(rng.choice(n_cells, n_holdout, replace=False)) if n_holdout else np.array([], dtype=int)
     train = np.setdiff1d(np.arange(n_cells), holdout)
-    X_train = X[train] if n_holdout else X
-    X_holdout = X[holdout] if n_holdout else None
     Z = None if covariates is None else probe._check_covariates(X, covariates)
-    Z_train = None if Z is None else Z[train]
-    Z_holdout = None if Z is None or not n_holdout else Z[holdout]
-    gene_halves = np.array_split(rng.permutation(X.shape[1]), 2)
-    probe._check_n_components(X_train)
-    if _squared_norm(X_train) == 0:
+    split = _CellSplit(
+        X_train=X[train] if n_holdout else X, X_holdout=X[holdout] if n_holdout else None,
+        Z_train=None if Z is None else Z[train], Z_holdout=None if Z is None or not n_holdout else Z[holdout],
+        holdout=holdout, gene_halves=np.array_split(rng.permutation(X.shape[1]), 2),
+    )
+    probe._check_n_components(split.X_train)
+    if _squared_norm(split.X_train) == 0:
         raise ValueError(
-            f"X is all zeros on the {X_train.shape[0]} training cells: there are no programs to find. "
+            f"X is all zeros on the {split.X_train.shape[0]} training cells: there are no programs to find. "
             "Check the input layer (normalised expression of the selected genes)."
         )
+    return split
 
+
+def _restart_tasks(k_values: list[int], n_restarts: int, random_state: int) -> list[tuple[int, int]]:
+    """``(k, seed)`` of every restart, k by k; the seeds are children 1, 2, ... of ``SeedSequence(random_state)``."""
     seeds = [int(s.generate_state(1)[0])
              for s in np.random.SeedSequence(random_state).spawn(len(k_values) * n_restarts + 1)[1:]]
-    tasks = [(k, seeds[i * n_restarts + r]) for i, k in enumerate(k_values) for r in range(n_restarts)]
+    return [(k, seeds[i * n_restarts + r]) for i, k in enumerate(k_values) for r in range(n_restarts)]
+
+
+def _worker_layout(n_jobs: int | None, n_tasks: int) -> tuple[int, int]:
+    """Worker processes (None: one per core, never more than tasks) and threads per worker, to fill the cores once."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    n_jobs = min(cores if n_jobs is None else max(1, n_jobs), len(tasks))
-    threads = max(1, cores // n_jobs)
-    if progress is None:
-        progress = sys.stderr.isatty()
-    start = time.perf_counter()
+    n_jobs = min(cores if n_jobs is None else max(1, n_jobs), n_tasks)
+    return n_jobs, max(1, cores // n_jobs)
+
+
+def _runner(n_jobs: int):
+    """``run(calls)``: the results of ``function(*args)`` for the ``(function, args)`` calls, lazily and in order.
+
+    With more than one job the calls run in that many loky worker processes.
+    """
     if n_jobs == 1:
         def run(calls):
             return (function(*args) for function, args in calls)
@@ -592,31 +657,23 @@ def consensus_sweep(
 
         def run(calls):
             return parallel(delayed(function)(*args) for function, args in calls)
+    return run
 
-    restarts = list(_progress(
-        run((_fit_restart, (X_train, Z_train, k, seed, model, solver, init, max_iter, tol, alpha_W, l1_ratio, threads))
-            for k, seed in tasks),
-        len(tasks), progress,
-    ))
-    fit_seconds = time.perf_counter() - start
-    per_k = list(run(
-        (_consensus_for_k, (X_train, X_holdout, Z_train, Z_holdout, gene_halves,
-                            [res for res in restarts if res["k"] == k], k,
-                            n_restarts, model, solver, max_iter, tol, alpha_W, l1_ratio, density_threshold,
-                            random_state, threads))
-        for k in k_values
-    ))
+
+def _sweep_result(k_values: list[int], per_k: list[tuple], holdout: np.ndarray) -> ConsensusSweep:
+    """The sweep from each k's ``_consensus_for_k`` result, with the held-out excess error and the suggested k."""
     table = pd.DataFrame([row for row, _, _, _, _ in per_k])
-    components = {k: H for k, (_, (H, _), _, _, _) in zip(k_values, per_k)}
-    covariate_components = {k: H_cov for k, (_, (_, H_cov), _, _, _) in zip(k_values, per_k)}
-    restart_components = {k: grouped for k, (_, _, grouped, _, _) in zip(k_values, per_k)}
-    best_traces = {k: trace for k, (_, _, _, trace, _) in zip(k_values, per_k)}
-    if n_holdout:
-        residuals = {k: res for k, (_, _, _, _, res) in zip(k_values, per_k)}
-        table = table.merge(_holdout_excess(residuals), on="k")
-    table.attrs["wall_seconds"] = time.perf_counter() - start
-    table.attrs["fit_wall_seconds"] = fit_seconds
-    table.attrs["n_jobs"], table.attrs["threads_per_job"] = n_jobs, threads
+    by_k = dict(zip(k_values, per_k))
+    if holdout.size:
+        table = table.merge(_holdout_excess({k: residuals for k, (_, _, _, _, residuals) in by_k.items()}), on="k")
     suggested, rule = suggest_k(table)
-    return ConsensusSweep(table, components, restart_components, best_traces, suggested, rule, holdout,
-                          covariate_components)
+    return ConsensusSweep(
+        table,
+        components={k: H for k, (_, (H, _), _, _, _) in by_k.items()},
+        restart_components={k: grouped for k, (_, _, grouped, _, _) in by_k.items()},
+        best_traces={k: trace for k, (_, _, _, trace, _) in by_k.items()},
+        suggested_k=suggested,
+        rule=rule,
+        holdout_cells=holdout,
+        covariate_components={k: H_cov for k, (_, (_, H_cov), _, _, _) in by_k.items()},
+    )

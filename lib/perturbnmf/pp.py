@@ -6,8 +6,10 @@ records what it did in ``adata.uns['perturbnmf']['preprocess']`` so the report c
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import anndata as ad
 import numpy as np
@@ -15,7 +17,7 @@ import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
-from .resources import check_dense_fits
+from .errors import InputError, InsufficientMemoryError
 
 __all__ = [
     "InputError",
@@ -28,15 +30,16 @@ __all__ = [
     "read_cell_cycle_genes",
     "score_cell_cycle",
     "select_genes",
+    "available_memory",
+    "check_dense_fits",
+    "dense_bytes",
+    "format_bytes",
+    "MAX_MEMORY_ENV",
 ]
 
 #: Old symbols in the Tirosh 2016 list and their current HGNC names (matched either way).
 CELL_CYCLE_ALIASES = {"MLF1IP": "CENPU", "FAM64A": "PIMREG", "HN1": "JPT1"}
 N_TIROSH_S = 43  # the 97-line list: 43 S-phase markers, then 54 G2/M markers
-
-
-class InputError(ValueError):
-    """Input data that cannot be analysed as given; the message says how to fix it."""
 
 
 def _log(adata: ad.AnnData) -> dict[str, Any]:
@@ -105,7 +108,26 @@ def read_screen(
         (see :func:`check_counts`). Each message names the file, parameter or column and the fix.
     """
     path = Path(path)
-    where = f"Input file {str(path)!r} (parameter 'input')"
+    adata = _read_h5ad(path)
+    _check_obs_columns(adata, path, perturbation_key=perturbation_key, batch_key=batch_key, guide_key=guide_key,
+                       keep_cells_key=keep_cells_key)
+    _check_unique_names(adata, path)
+    _labels_as_categories(adata, perturbation_key=perturbation_key, batch_key=batch_key, guide_key=guide_key)
+    if keep_cells_key is not None:
+        adata = _keep_flagged_cells(adata, keep_cells_key)
+    _check_groups(adata, perturbation_key, control_label)
+    check_counts(adata, source=str(path))
+    return adata
+
+
+def _where(path: Path) -> str:
+    """How messages about the input file name it."""
+    return f"Input file {str(path)!r} (parameter 'input')"
+
+
+def _read_h5ad(path: Path) -> ad.AnnData:
+    """The AnnData of an existing, readable ``.h5ad`` file with a non-empty X, or an InputError that says why not."""
+    where = _where(path)
     if path.is_dir():
         raise InputError(f"{where} is a folder, not a file; give the path of the .h5ad file itself.")
     if not path.is_file():
@@ -135,27 +157,39 @@ def read_screen(
             f"{where} has an empty matrix ({adata.n_obs} cells × {adata.n_vars} genes); "
             "it must hold cells as rows and genes as columns with their raw counts."
         )
-    for key, name in ((perturbation_key, "perturbation_key"), (batch_key, "batch_key"),
-                      (guide_key, "guide_key"), (keep_cells_key, "keep_cells_key")):
+    return adata
+
+
+def _check_obs_columns(adata: ad.AnnData, path: Path, **keys: str | None) -> None:
+    """Every given column (parameter name -> obs column, None when not used) is in ``obs``."""
+    for name, key in keys.items():
         if key is not None and key not in adata.obs:
             optional = "" if name == "perturbation_key" else f", or set '{name}: null' if there is none"
             raise InputError(
                 f"Column {key!r} (parameter {name!r}) is not in the obs of {str(path)!r}.{_closest(key, adata.obs)} "
                 f"Available columns: {_listing(adata.obs.columns) or 'none'}. Set {name!r} to one of them{optional}."
             )
+
+
+def _check_unique_names(adata: ad.AnnData, path: Path) -> None:
+    """Cell and gene names are unique: later steps index by name."""
     if adata.obs_names.has_duplicates:
         dup = adata.obs_names[adata.obs_names.duplicated()].unique()[:5].tolist()
         raise InputError(
-            f"{where} has duplicate cell names (e.g. {dup}); make them unique with adata.obs_names_make_unique() "
-            "(cells pooled from several lanes often need a lane prefix)."
+            f"{_where(path)} has duplicate cell names (e.g. {dup}); make them unique with "
+            "adata.obs_names_make_unique() (cells pooled from several lanes often need a lane prefix)."
         )
     if adata.var_names.has_duplicates:
         dup = adata.var_names[adata.var_names.duplicated()].unique()[:5].tolist()
         raise InputError(
-            f"{where} has duplicate gene names (e.g. {dup}); call adata.var_names_make_unique() "
+            f"{_where(path)} has duplicate gene names (e.g. {dup}); call adata.var_names_make_unique() "
             "or sum the duplicated genes' counts."
         )
-    for key, name in ((perturbation_key, "perturbation_key"), (batch_key, "batch_key"), (guide_key, "guide_key")):
+
+
+def _labels_as_categories(adata: ad.AnnData, **keys: str | None) -> None:
+    """Each given label column (parameter name -> obs column), complete, as a categorical of strings, in place."""
+    for name, key in keys.items():
         if key is not None:
             missing = int(adata.obs[key].isna().sum())
             if missing:
@@ -165,22 +199,30 @@ def read_screen(
                        else "or set the parameter to null.")
                 )
             adata.obs[key] = adata.obs[key].astype(str).astype("category")
-    if keep_cells_key is not None:
-        keep = adata.obs[keep_cells_key]
-        if keep.dtype != bool:
-            raise InputError(
-                f"Column {keep_cells_key!r} (parameter 'keep_cells_key') must be boolean (True for the cells to "
-                f"analyse), got {keep.dtype} (values e.g. {_listing(pd.unique(keep)[:5])}); convert it, e.g. "
-                f"adata.obs[{keep_cells_key!r}] = adata.obs[{keep_cells_key!r}] == 'True'."
-            )
-        if not keep.any():
-            raise InputError(
-                f"Column {keep_cells_key!r} (parameter 'keep_cells_key') is False for every cell: no cell is left; "
-                "check the column or set 'keep_cells_key: null'."
-            )
-        n_before = adata.n_obs
-        adata = adata[keep.to_numpy()].copy()
-        _log(adata)["kept_by_" + keep_cells_key] = [int(adata.n_obs), int(n_before)]
+
+
+def _keep_flagged_cells(adata: ad.AnnData, keep_cells_key: str) -> ad.AnnData:
+    """A copy with the cells whose boolean ``obs[keep_cells_key]`` is True; the counts go to the log."""
+    keep = adata.obs[keep_cells_key]
+    if keep.dtype != bool:
+        raise InputError(
+            f"Column {keep_cells_key!r} (parameter 'keep_cells_key') must be boolean (True for the cells to "
+            f"analyse), got {keep.dtype} (values e.g. {_listing(pd.unique(keep)[:5])}); convert it, e.g. "
+            f"adata.obs[{keep_cells_key!r}] = adata.obs[{keep_cells_key!r}] == 'True'."
+        )
+    if not keep.any():
+        raise InputError(
+            f"Column {keep_cells_key!r} (parameter 'keep_cells_key') is False for every cell: no cell is left; "
+            "check the column or set 'keep_cells_key: null'."
+        )
+    n_before = adata.n_obs
+    adata = adata[keep.to_numpy()].copy()
+    _log(adata)["kept_by_" + keep_cells_key] = [int(adata.n_obs), int(n_before)]
+    return adata
+
+
+def _check_groups(adata: ad.AnnData, perturbation_key: str, control_label: str) -> None:
+    """Drop unused perturbation categories (in place); the control group and at least one other must be left."""
     groups = adata.obs[perturbation_key].cat.remove_unused_categories()
     adata.obs[perturbation_key] = groups
     if control_label not in set(groups):
@@ -196,8 +238,6 @@ def read_screen(
             f"Column {perturbation_key!r} (parameter 'perturbation_key') has a single group ({control_label!r}); "
             "a screen needs control and perturbed cells. Is it the column with each cell's target?"
         )
-    check_counts(adata, source=str(path))
-    return adata
 
 
 #: Values are checked in blocks of this many, so the check needs little memory beyond X.
@@ -238,58 +278,75 @@ def check_counts(adata: ad.AnnData, source: str | None = None) -> None:
     dtype = X.dtype
     if not (np.issubdtype(dtype, np.number) or dtype == bool):
         raise InputError(f"{where} has non-numeric type {dtype}; it must hold raw UMI counts.")
-    integer = np.issubdtype(dtype, np.integer) or dtype == bool
-    n_nonzero, minimum, maximum, n_bad, n_fraction, example = 0, 0, 0, 0, 0, None
+    scan = _scan_values(X, integer=np.issubdtype(dtype, np.integer) or dtype == bool)
+    if scan.n_non_finite:
+        raise InputError(
+            f"{where} contains {scan.n_non_finite} NaN or infinite values; it must hold raw UMI counts "
+            "(whole numbers >= 0)." + _raw_counts_hint(adata)
+        )
+    if scan.n_nonzero == 0:
+        raise InputError(f"{where} has no non-zero entries: every count is 0. Is X the right matrix?"
+                         + _raw_counts_hint(adata))
+    if scan.minimum < 0:
+        raise InputError(
+            f"{where} has negative values (minimum {float(scan.minimum):.3g}): it looks scaled or centred "
+            "(e.g. sc.pp.scale), but it must hold raw UMI counts." + _raw_counts_hint(adata)
+        )
+    if scan.n_fractional:
+        raise InputError(
+            f"{where} has non-integer values where raw UMI counts are expected.{_non_integer_diagnosis(adata, scan)}"
+            + _raw_counts_hint(adata)
+        )
+
+
+class _ValueScan(NamedTuple):
+    """What one pass over the values of X found (non-finite values are left out of the others)."""
+
+    n_nonzero: int
+    minimum: float
+    maximum: float
+    n_non_finite: int
+    n_fractional: int
+    fractional_example: float | None
+
+
+def _scan_values(X, integer: bool) -> _ValueScan:
+    """Count and range of X's values, block by block; an integer X skips the finiteness and fraction tests."""
+    n_nonzero, minimum, maximum, n_non_finite, n_fractional, example = 0, 0, 0, 0, 0, None
     for block in _value_blocks(X):
         if block.size == 0:
             continue
         if not integer:
             finite = np.isfinite(block)
             if not finite.all():
-                n_bad += int(block.size - finite.sum())
+                n_non_finite += int(block.size - finite.sum())
                 block = block[finite]
                 if block.size == 0:
                     continue
             whole = block == np.floor(block)
             if not whole.all():
-                n_fraction += int(block.size - whole.sum())
+                n_fractional += int(block.size - whole.sum())
                 if example is None:
                     example = float(block[~whole][0])
         n_nonzero += int(np.count_nonzero(block))
         minimum = min(minimum, block.min())
         maximum = max(maximum, block.max())
-    if n_bad:
-        raise InputError(
-            f"{where} contains {n_bad} NaN or infinite values; it must hold raw UMI counts (whole numbers >= 0)."
-            + _raw_counts_hint(adata)
-        )
-    if n_nonzero == 0:
-        raise InputError(f"{where} has no non-zero entries: every count is 0. Is X the right matrix?"
-                         + _raw_counts_hint(adata))
-    if minimum < 0:
-        raise InputError(
-            f"{where} has negative values (minimum {float(minimum):.3g}): it looks scaled or centred "
-            "(e.g. sc.pp.scale), but it must hold raw UMI counts." + _raw_counts_hint(adata)
-        )
-    if n_fraction:
-        looks = ""
-        if "log1p" in adata.uns:
-            looks = " It is already log-transformed (uns['log1p'] is set by scanpy's log1p)."
-        elif maximum < 30:
-            looks = (f" It looks already log-transformed: the largest value is {float(maximum):.3g}, "
-                     "while raw UMI counts are whole numbers that reach the hundreds.")
-        else:
-            totals = np.asarray(adata.X.sum(axis=1)).ravel()
-            totals = totals[totals > 0]
-            if totals.size and np.ptp(totals) <= 1e-3 * totals.mean():
-                looks = (f" It looks already normalised: every cell sums to {float(totals.mean()):.6g} "
-                         "(normalize_total).")
-            else:
-                looks = (f" {n_fraction} values are fractional (e.g. {example:.4g}); if these are "
-                         "ambient-corrected counts, round them to whole numbers first.")
-        raise InputError(
-            f"{where} has non-integer values where raw UMI counts are expected.{looks}" + _raw_counts_hint(adata)
-        )
+    return _ValueScan(n_nonzero, minimum, maximum, n_non_finite, n_fractional, example)
+
+
+def _non_integer_diagnosis(adata: ad.AnnData, scan: _ValueScan) -> str:
+    """Why X has fractions, as far as it shows: logged (scanpy's mark or small values), normalised, or neither."""
+    if "log1p" in adata.uns:
+        return " It is already log-transformed (uns['log1p'] is set by scanpy's log1p)."
+    if scan.maximum < 30:
+        return (f" It looks already log-transformed: the largest value is {float(scan.maximum):.3g}, "
+                "while raw UMI counts are whole numbers that reach the hundreds.")
+    totals = np.asarray(adata.X.sum(axis=1)).ravel()
+    totals = totals[totals > 0]
+    if totals.size and np.ptp(totals) <= 1e-3 * totals.mean():
+        return f" It looks already normalised: every cell sums to {float(totals.mean()):.6g} (normalize_total)."
+    return (f" {scan.n_fractional} values are fractional (e.g. {scan.fractional_example:.4g}); if these are "
+            "ambient-corrected counts, round them to whole numbers first.")
 
 
 def filter_cells_and_genes(
@@ -518,3 +575,127 @@ def select_genes(
             "'hvg_use_all_genes: true'."
         )
     return n
+
+
+# --- memory guards ---------------------------------------------------------------------
+# Memory checks before a large dense array is made.
+#
+# Sparse count matrices stay sparse through the pipeline; where a step must make a dense
+# copy (for example the scaled copy that cell-cycle scoring needs), it first calls
+# :func:`check_dense_fits`, which estimates the array's size and refuses, naming the
+# parameter to change, when it would not fit in the memory available now.
+#
+# The memory available is the smallest of: the operating system's estimate
+# (``psutil.virtual_memory().available`` when psutil is installed, else ``MemAvailable`` in
+# ``/proc/meminfo``), the room left under a cgroup (container) memory limit, and the
+# environment variable ``PERTURBNMF_MAX_MEMORY`` (bytes, or with a suffix: ``512M``, ``8G``),
+# which caps what the pipeline may assume on a shared machine.
+
+#: Environment variable capping the memory the pipeline assumes it may use.
+MAX_MEMORY_ENV = "PERTURBNMF_MAX_MEMORY"
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def format_bytes(n: float) -> str:
+    """``1.5 GiB``-style size."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def _parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text.upper())
+    if not match:
+        raise ValueError(f"{MAX_MEMORY_ENV}={text!r} is not a size such as 2000000000, 512M or 8G.")
+    return int(float(match[1]) * _UNITS[match[2]])
+
+
+def _system_available() -> int | None:
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        return int(psutil.virtual_memory().available)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _cgroup_room() -> int | None:
+    """Bytes left under the cgroup v2 (or v1) memory limit of this process, if there is one."""
+    candidates = [
+        (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")),
+        (Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"), Path("/sys/fs/cgroup/memory/memory.usage_in_bytes")),
+    ]
+    for limit_file, usage_file in candidates:
+        try:
+            limit_text = limit_file.read_text().strip()
+            if limit_text == "max":
+                return None
+            limit, usage = int(limit_text), int(usage_file.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit >= 1 << 60:  # cgroup v1 reports "unlimited" as a huge number
+            return None
+        return max(limit - usage, 0)
+    return None
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate, as far as can be told; ``None`` when unknown."""
+    sizes = [size for size in (_system_available(), _cgroup_room()) if size is not None]
+    cap = os.environ.get(MAX_MEMORY_ENV)
+    if cap:
+        sizes.append(_parse_size(cap))
+    return min(sizes) if sizes else None
+
+
+def dense_bytes(n_rows: int, n_cols: int, dtype, copies: int = 1) -> int:
+    """Bytes of ``copies`` dense ``n_rows × n_cols`` arrays of ``dtype``."""
+    return int(n_rows) * int(n_cols) * np.dtype(dtype).itemsize * int(copies)
+
+
+def check_dense_fits(n_rows: int, n_cols: int, dtype, what: str, parameter_hint: str, copies: int = 1) -> int:
+    """Refuse to densify when the result would not fit in the available memory.
+
+    Parameters
+    ----------
+    n_rows, n_cols, dtype
+        Shape and type of the dense array about to be made.
+    what
+        What the array is for, e.g. ``"cell-cycle scoring (a scaled dense copy of the data)"``.
+    parameter_hint
+        The parameter(s) to change, e.g. ``"set cell_cycle_genes: null to skip scoring"``.
+    copies
+        How many arrays of that size exist at the peak (the copy and its temporaries).
+
+    Returns
+    -------
+    int
+        The estimated bytes.
+
+    Raises
+    ------
+    InsufficientMemoryError
+        When the estimate exceeds :func:`available_memory`.
+    """
+    need = dense_bytes(n_rows, n_cols, dtype, copies)
+    available = available_memory()
+    if available is not None and need > available:
+        cap = os.environ.get(MAX_MEMORY_ENV)
+        capped = f" (capped by {MAX_MEMORY_ENV}={cap})" if cap else ""
+        raise InsufficientMemoryError(
+            f"Not enough memory for {what}: it needs a dense {n_rows:,} × {n_cols:,} {np.dtype(dtype).name} array"
+            + (f" ({copies} copies at the peak)" if copies > 1 else "")
+            + f", about {format_bytes(need)}, but only {format_bytes(available)} is available{capped}. "
+            f"To fix it: {parameter_hint}."
+        )
+    return need

@@ -58,15 +58,17 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 import pathlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import anndata
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from scipy import special
+
+from ._checks import check_int
 
 __all__ = [
     "CONTROL_LABEL",
@@ -76,7 +78,6 @@ __all__ = [
     "planted_gene_sets",
     "write_gmt",
     "write_cell_cycle_genes",
-    "write_demo_inputs",
 ]
 
 CONTROL_LABEL = "non-targeting"
@@ -123,27 +124,6 @@ _ABSENT_MARKERS = {
 # the phase mix does not differ between groups by chance).
 _PHASE_FRACTIONS = {"S": 0.25, "G2M": 0.20}
 
-_SCREEN_FILE = "simulated_screen.h5ad"
-_GMT_FILE = "simulated_gene_sets.gmt"
-_CELL_CYCLE_FILE = "simulated_cell_cycle_genes.tsv"
-
-
-# --------------------------------------------------------------------------------------
-# argument checking
-# --------------------------------------------------------------------------------------
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    value = int(value)
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    return int(seed)
 
 
 #: The demo's and the benchmark's design: programs as count-space profiles that raise some genes and
@@ -185,6 +165,47 @@ def _check_efficacy(value) -> tuple[float, float] | None:
     if not (math.isfinite(low) and math.isfinite(high) and 0.0 < low <= high <= 1.0):
         raise ValueError(f"guide_efficacy must satisfy 0 < low <= high <= 1, got ({low}, {high})")
     return low, high
+
+
+def _check_control_fraction(value) -> float:
+    """``control_fraction`` as a float in (0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"control_fraction must be a number, got {value!r}")
+    value = float(value)
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"control_fraction must be in (0, 1), got {value}")
+    return value
+
+
+def _check_screen_size(
+    n_cells: int,
+    n_genes: int,
+    n_programs: int,
+    n_targets: int,
+    n_down_genes: int,
+    control_fraction: float,
+) -> int:
+    """Number of control cells; ``ValueError`` if the genes or cells are too few for the design."""
+    # 2 * n_down_genes guarantees every program >= n_down_genes plain non-member genes
+    min_genes = _N_MITO + n_targets + 15 * n_programs + 20 + 2 * n_down_genes
+    if n_genes < min_genes:
+        down = f", n_down_genes={n_down_genes}" if n_down_genes else ""
+        raise ValueError(
+            f"n_genes must be >= {min_genes} for n_programs={n_programs} and "
+            f"n_targets={n_targets}{down}, got {n_genes}"
+        )
+    n_control = int(round(control_fraction * n_cells))
+    if n_control < 10:
+        raise ValueError(
+            f"n_cells * control_fraction must give >= 10 control cells, got {n_control} "
+            f"(n_cells={n_cells}, control_fraction={control_fraction})"
+        )
+    if (n_cells - n_control) < 10 * n_targets:
+        raise ValueError(
+            f"n_cells={n_cells} is too small: need >= 10 cells per target "
+            f"({n_targets} targets, {n_cells - n_control} non-control cells)"
+        )
+    return n_control
 
 
 def _option_rng(seed: int, stream: int) -> np.random.Generator:
@@ -333,66 +354,89 @@ def simulate_screen(
     * Library sizes are lognormal (median ~4,000 UMIs); mitochondrial genes take ~5 % of
       the counts, with 3 % damaged cells (5x mito share, 0.4x library).
     """
-    n_cells = _check_int("n_cells", n_cells, 1)
-    n_genes = _check_int("n_genes", n_genes, 1)
-    n_programs = _check_int("n_programs", n_programs, 3)
-    n_targets = _check_int("n_targets", n_targets, 6)
-    n_batches = _check_int("n_batches", n_batches, 1)
-    n_guides_per_target = _check_int("n_guides_per_target", n_guides_per_target, 1)
-    n_control_guides = _check_int("n_control_guides", n_control_guides, 1)
-    seed = _check_seed(seed)
-    n_down_genes = _check_int("n_down_genes", n_down_genes, 0)
+    n_cells = check_int("n_cells", n_cells, 1)
+    n_genes = check_int("n_genes", n_genes, 1)
+    n_programs = check_int("n_programs", n_programs, 3)
+    n_targets = check_int("n_targets", n_targets, 6)
+    n_batches = check_int("n_batches", n_batches, 1)
+    n_guides_per_target = check_int("n_guides_per_target", n_guides_per_target, 1)
+    n_control_guides = check_int("n_control_guides", n_control_guides, 1)
+    seed = check_int("seed", seed, 0)
+    n_down_genes = check_int("n_down_genes", n_down_genes, 0)
     if expression not in _EXPRESSION_MODELS:
         raise ValueError(f"expression must be one of {_EXPRESSION_MODELS}, got {expression!r}")
     guide_efficacy = _check_efficacy(guide_efficacy)
-    if isinstance(control_fraction, bool) or not isinstance(control_fraction, numbers.Real):
-        raise ValueError(f"control_fraction must be a number, got {control_fraction!r}")
-    control_fraction = float(control_fraction)
-    if not 0.0 < control_fraction < 1.0:
-        raise ValueError(f"control_fraction must be in (0, 1), got {control_fraction}")
-    # 2 * n_down_genes guarantees every program >= n_down_genes plain non-member genes
-    min_genes = _N_MITO + n_targets + 15 * n_programs + 20 + 2 * n_down_genes
-    if n_genes < min_genes:
-        down = f", n_down_genes={n_down_genes}" if n_down_genes else ""
-        raise ValueError(
-            f"n_genes must be >= {min_genes} for n_programs={n_programs} and "
-            f"n_targets={n_targets}{down}, got {n_genes}"
-        )
-    n_control = int(round(control_fraction * n_cells))
-    if n_control < 10:
-        raise ValueError(
-            f"n_cells * control_fraction must give >= 10 control cells, got {n_control} "
-            f"(n_cells={n_cells}, control_fraction={control_fraction})"
-        )
-    if (n_cells - n_control) < 10 * n_targets:
-        raise ValueError(
-            f"n_cells={n_cells} is too small: need >= 10 cells per target "
-            f"({n_targets} targets, {n_cells - n_control} non-control cells)"
-        )
+    control_fraction = _check_control_fraction(control_fraction)
+    n_control = _check_screen_size(
+        n_cells, n_genes, n_programs, n_targets, n_down_genes, control_fraction
+    )
     params = {
-        "n_cells": n_cells, "n_genes": n_genes, "n_programs": n_programs,
-        "n_targets": n_targets, "n_batches": n_batches,
-        "n_guides_per_target": n_guides_per_target, "n_control_guides": n_control_guides,
-        "control_fraction": control_fraction, "seed": seed,
+        "n_cells": n_cells, "n_genes": n_genes, "n_programs": n_programs, "n_targets": n_targets,
+        "n_batches": n_batches, "n_guides_per_target": n_guides_per_target,
+        "n_control_guides": n_control_guides, "control_fraction": control_fraction, "seed": seed,
+        **_switched_on_options(n_down_genes, guide_efficacy, expression),
     }
-    # new options are recorded only when switched on, so default params stay as they were
-    if n_down_genes:
-        params["n_down_genes"] = n_down_genes
-    if guide_efficacy is not None:
-        params["guide_efficacy"] = list(guide_efficacy)
-    if expression != "log_linear":
-        params["expression"] = expression
-    rng = np.random.default_rng(seed)
 
-    # ---- genes ------------------------------------------------------------------------
+    rng = np.random.default_rng(seed)
+    genes = _draw_genes(rng, n_genes, n_targets)
+    program_names = _program_names(n_programs)
+    weights = _draw_weights(rng, n_genes, genes.plain_idx, n_programs, n_down_genes, seed)
+    design = _draw_design(
+        rng, n_cells, n_control, genes.targets, n_batches, n_guides_per_target, n_control_guides
+    )
+    usage = _draw_usage(rng, design, program_names, expression)
+    effects, null_targets = _draw_effects(rng, genes.targets, program_names)
+    efficacy = _draw_guide_efficacy(seed, guide_efficacy, n_targets, n_guides_per_target)
+    _apply_effects(usage, effects, design, genes.targets, program_names, efficacy)
+    counts = _draw_counts(rng, genes, design, usage, weights, expression)
+
+    truth = {
+        "program_names": program_names,
+        "effects": pd.DataFrame(effects, columns=["perturbation", "program", "fold_change", "direction"]),
+        "null_targets": null_targets, "targets": genes.targets, "params": params, "seed": seed,
+    }
+    if efficacy is not None:
+        targeting_guides = design.guide_names[n_control_guides:]
+        truth["guide_efficacy"] = _efficacy_table(efficacy, genes.targets, targeting_guides)
+    return _screen_anndata(counts, genes, design, weights, usage, truth)
+
+
+def _switched_on_options(n_down_genes: int, guide_efficacy, expression: str) -> dict:
+    """The optional features' entries of ``params``.
+
+    Recorded only when switched on, so that the default ``params`` stay as they were before
+    the options existed.
+    """
+    options = {}
+    if n_down_genes:
+        options["n_down_genes"] = n_down_genes
+    if guide_efficacy is not None:
+        options["guide_efficacy"] = list(guide_efficacy)
+    if expression != "log_linear":
+        options["expression"] = expression
+    return options
+
+
+@dataclass(frozen=True)
+class _Genes:
+    """The measured genes: names (plain genes, then targets, then mitochondrial) and profiles."""
+
+    names: list[str]
+    targets: list[str]
+    plain_idx: np.ndarray
+    target_idx: np.ndarray
+    mito_idx: np.ndarray
+    baseline: np.ndarray  # share of the expression profile, sums to 1
+    dispersion: np.ndarray  # NB dispersion phi: var = mu + phi mu^2
+
+
+def _draw_genes(rng: np.random.Generator, n_genes: int, n_targets: int) -> _Genes:
     width_t = max(2, len(str(n_targets)))
     targets = [f"TGT{i + 1:0{width_t}d}" for i in range(n_targets)]
     n_plain = n_genes - _N_MITO - n_targets
     width_g = max(4, len(str(n_plain)))
     plain = [f"GENE{i + 1:0{width_g}d}" for i in range(n_plain)]
     mito = list(_MITO_GENES[:_N_MITO])
-    gene_names = plain + targets + mito
-    plain_idx = np.arange(n_plain)
     target_idx = np.arange(n_plain, n_plain + n_targets)
     mito_idx = np.arange(n_plain + n_targets, n_genes)
 
@@ -407,13 +451,29 @@ def simulate_screen(
     base *= 0.92
     mito_share = rng.lognormal(0.0, 0.4, size=_N_MITO)
     base[mito_idx] = 0.08 * mito_share / mito_share.sum()
-    # gene-wise NB dispersion (var = mu + phi mu^2)
     dispersion = np.exp(rng.normal(np.log(0.1), 0.5, size=n_genes))
+    return _Genes(
+        names=plain + targets + mito,
+        targets=targets,
+        plain_idx=np.arange(n_plain),
+        target_idx=target_idx,
+        mito_idx=mito_idx,
+        baseline=base,
+        dispersion=dispersion,
+    )
 
-    # ---- programs ---------------------------------------------------------------------
-    program_names = _program_names(n_programs)
+
+def _draw_weights(
+    rng: np.random.Generator,
+    n_genes: int,
+    plain_idx: np.ndarray,
+    n_programs: int,
+    n_down_genes: int,
+    seed: int,
+) -> np.ndarray:
+    """Planted log-fold weights, genes x programs: members, then (option) lowered genes."""
     sizes = rng.integers(30, 81, size=n_programs)
-    capacity = int(0.7 * n_plain)  # >= 10.5 genes per program given the n_genes check
+    capacity = int(0.7 * plain_idx.size)  # >= 10.5 genes per program given the n_genes check
     if sizes.sum() > capacity:  # small gene panels: shrink programs proportionally
         sizes = np.maximum(8, np.floor(sizes * capacity / sizes.sum())).astype(int)
     order = rng.permutation(plain_idx)
@@ -431,195 +491,7 @@ def simulate_screen(
         weights[genes, p] = _member_weights(rng, genes.size)
     if n_down_genes:
         _plant_down_genes(_option_rng(seed, 1), weights, members, plain_idx, n_down_genes)
-
-    # ---- perturbation design ----------------------------------------------------------
-    n_per_target = np.full(n_targets, (n_cells - n_control) // n_targets)
-    n_per_target[: (n_cells - n_control) % n_targets] += 1
-    group_sizes = np.concatenate([[n_control], n_per_target])
-    group_labels = [CONTROL_LABEL] + targets
-    group = np.repeat(np.arange(n_targets + 1), group_sizes)
-    group = group[rng.permutation(n_cells)]
-    is_control = group == 0
-
-    # guides: uniform within a group
-    guide_names = [f"NTg{j + 1}" for j in range(n_control_guides)]
-    guide_names += [f"{t}g{j + 1}" for t in targets for j in range(n_guides_per_target)]
-    guide_within = np.where(
-        is_control,
-        rng.integers(0, n_control_guides, size=n_cells),
-        rng.integers(0, n_guides_per_target, size=n_cells),
-    )
-    guide_code = np.where(
-        is_control, guide_within, n_control_guides + (group - 1) * n_guides_per_target + guide_within
-    )
-
-    # planted cell-cycle phase, stratified within each perturbation group
-    phase = np.zeros(n_cells, dtype=np.int8)  # 0 = G1, 1 = S, 2 = G2M
-    for g in range(n_targets + 1):
-        cells = np.flatnonzero(group == g)
-        n_s = int(round(_PHASE_FRACTIONS["S"] * cells.size))
-        n_g2m = int(round(_PHASE_FRACTIONS["G2M"] * cells.size))
-        labels = np.zeros(cells.size, dtype=np.int8)
-        labels[:n_s] = 1
-        labels[n_s:n_s + n_g2m] = 2
-        phase[cells] = rng.permutation(labels)
-
-    batch = rng.integers(0, n_batches, size=n_cells)
-
-    # ---- usage ------------------------------------------------------------------------
-    # Zero-inflated gamma usage: a program is active in a fraction `active` of the cells,
-    # with a gamma-distributed usage when active. Values are drawn by stratified (Latin
-    # hypercube) sampling within each perturbation group, so every cell's usage has exactly
-    # the intended marginal distribution while the group means of the unperturbed usage agree
-    # closely between groups: the planted fold changes are then the group-level truth.
-    active = rng.uniform(0.3, 0.6, size=n_programs)
-    if expression == "mixture":  # programs as profiles: active in 60-90 % of cells
-        active += _MIXTURE_EXTRA_ACTIVE
-    shape = rng.uniform(2.5, 4.5, size=n_programs)
-    active_mean = rng.uniform(1.2, 2.0, size=n_programs)
-    u = _stratified_uniform(rng, group, n_programs)
-    q = np.clip((u - (1.0 - active)) / active, 0.0, 1.0 - 1e-12)
-    usage = np.where(
-        u > 1.0 - active, special.gammaincinv(shape, q) * (active_mean / shape), 0.0
-    )
-    # cell-cycle programs follow the planted phase: mean 2 in the phase, 0.1 outside
-    cc_strata = group * 3 + phase
-    for label, code in ((S_PROGRAM, 1), (G2M_PROGRAM, 2)):
-        p = program_names.index(label)
-        u = _stratified_uniform(rng, cc_strata, 1)[:, 0]
-        usage[:, p] = np.where(
-            phase == code,
-            special.gammaincinv(8.0, u) * (2.0 / 8.0),
-            special.gammaincinv(2.0, u) * (0.1 / 2.0),
-        )
-
-    # effects: nulls, single-program and two-program targets (roles shuffled over targets)
-    eligible = [p for p, name in enumerate(program_names) if name not in _CELL_CYCLE_PROGRAMS]
-    n_null, n_single, n_double = _effect_layout(n_targets, len(eligible))
-    roles = rng.permutation(np.repeat([0, 1, 2], [n_null, n_single, n_double]))
-    program_cycle: list[int] = []
-
-    def next_program(exclude: int | None = None) -> int:
-        if not program_cycle:
-            program_cycle.extend(rng.permutation(eligible).tolist())
-        for i, p in enumerate(program_cycle):
-            if p != exclude:
-                return program_cycle.pop(i)
-        program_cycle.extend(rng.permutation(eligible).tolist())
-        return next_program(exclude)
-
-    def fold(direction: str) -> float:
-        return float(rng.uniform(2.0, 3.0) if direction == "up" else rng.uniform(0.2, 0.4))
-
-    effects = []
-    single_count = 0
-    for t, role in enumerate(roles):
-        if role == 1:
-            direction = "up" if single_count % 2 == 0 else "down"
-            single_count += 1
-            p = next_program()
-            effects.append((targets[t], program_names[p], fold(direction), direction))
-        elif role == 2:
-            p1 = next_program()
-            p2 = next_program(exclude=p1)
-            for p in (p1, p2):
-                direction = "up" if rng.random() < 0.5 else "down"
-                effects.append((targets[t], program_names[p], fold(direction), direction))
-    null_targets = [targets[t] for t, role in enumerate(roles) if role == 0]
-    effects_df = pd.DataFrame(effects, columns=["perturbation", "program", "fold_change", "direction"])
-    if guide_efficacy is None:
-        for pert, prog, fc, _ in effects:
-            cells = group == (targets.index(pert) + 1)
-            usage[cells, program_names.index(prog)] *= fc
-    else:
-        efficacy = _option_rng(seed, 2).uniform(
-            guide_efficacy[0], guide_efficacy[1], size=(n_targets, n_guides_per_target)
-        )
-        efficacy_df = pd.DataFrame(
-            {
-                "perturbation": np.repeat(targets, n_guides_per_target),
-                "efficacy": efficacy.ravel(),
-            },
-            index=pd.Index(guide_names[n_control_guides:], name="guide"),
-        )
-        for pert, prog, fc, _ in effects:
-            t = targets.index(pert)
-            cells = np.flatnonzero(group == t + 1)
-            usage[cells, program_names.index(prog)] *= fc ** efficacy[t, guide_within[cells]]
-
-    # ---- expression means -------------------------------------------------------------
-    batch_log = rng.normal(0.0, 0.15, size=(n_batches, n_genes))
-    batch_log[:, mito_idx] = 0.0
-    # (usage @ W.T + log b) + batch, computed in place: the same IEEE operations as
-    # log b + usage @ W.T + batch (addition is commutative), without the extra temporaries
-    if expression == "mixture":
-        log_mu = _mixture_log_expression(base, usage, weights)
-    else:
-        log_mu = usage @ weights.T
-        log_mu += np.log(np.maximum(base, 1e-300))[None, :]
-    log_mu += batch_log[batch]
-    # mitochondrial share: lognormal per cell, with 3 % damaged cells (high mito, small library)
-    damaged = rng.random(n_cells) < 0.03
-    mito_log = rng.normal(0.0, 0.35, size=n_cells) + np.where(damaged, np.log(5.0), 0.0)
-    log_mu[:, mito_idx] += mito_log[:, None]
-    log_mu -= log_mu.max(axis=1, keepdims=True)
-    mu = np.exp(log_mu, out=log_mu)
-    del log_mu
-    # target knockdown: guide-specific remaining fraction of the target's mRNA
-    remaining = rng.uniform(0.1, 0.4, size=(n_targets, n_guides_per_target))
-    pert_cells = np.flatnonzero(~is_control)
-    mu[pert_cells, target_idx[group[pert_cells] - 1]] *= remaining[
-        group[pert_cells] - 1, guide_within[pert_cells]
-    ]
-    mu /= mu.sum(axis=1, keepdims=True)
-    batch_lib = np.exp(rng.normal(0.0, 0.1, size=n_batches))
-    library = rng.lognormal(np.log(4000.0), 0.35, size=n_cells) * batch_lib[batch]
-    library *= np.where(damaged, 0.4, 1.0)
-    mu *= library[:, None]
-
-    # ---- counts: gamma-Poisson --------------------------------------------------------
-    inv_phi = 1.0 / dispersion
-    mu /= inv_phi[None, :]  # the gamma scale; mu is not needed afterwards
-    lam = rng.gamma(inv_phi[None, :], mu)
-    del mu
-    counts = rng.poisson(lam)
-    del lam
-    X = sp.csr_matrix(counts.astype(np.int32), dtype=np.int32)
-    del counts
-
-    # ---- AnnData ----------------------------------------------------------------------
-    width_c = max(5, len(str(n_cells)))
-    obs = pd.DataFrame(
-        {
-            "perturbation": pd.Categorical.from_codes(group, categories=group_labels),
-            "guide": pd.Categorical.from_codes(guide_code, categories=guide_names),
-            "batch": pd.Categorical.from_codes(
-                batch, categories=[f"batch_{b + 1}" for b in range(n_batches)]
-            ),
-            "is_control": is_control,
-            "simulation_phase": pd.Categorical.from_codes(phase, categories=["G1", "S", "G2M"]),
-        },
-        index=pd.Index([f"CELL{i + 1:0{width_c}d}" for i in range(n_cells)], name="cell"),
-    )
-    var = pd.DataFrame(
-        {"simulation_baseline": base, "simulation_dispersion": dispersion},
-        index=pd.Index(gene_names, name="gene"),
-    )
-    adata = anndata.AnnData(X=X, obs=obs, var=var)
-    adata.varm["simulation_weights"] = weights
-    adata.obsm["simulation_usage"] = usage
-    adata.uns["control_label"] = CONTROL_LABEL
-    adata.uns["simulation"] = {
-        "program_names": program_names,
-        "effects": effects_df,
-        "null_targets": null_targets,
-        "targets": targets,
-        "params": params,
-        "seed": seed,
-    }
-    if guide_efficacy is not None:
-        adata.uns["simulation"]["guide_efficacy"] = efficacy_df
-    return adata
+    return weights
 
 
 def _plant_down_genes(
@@ -654,6 +526,313 @@ def _plant_down_genes(
         chosen = np.sort(candidates[order[:n_down]])
         lowered[chosen] = True
         weights[chosen, p] = -_member_weights(rng, n_down)
+
+
+@dataclass(frozen=True)
+class _Design:
+    """Which cell got which guide, batch and planted cell-cycle phase."""
+
+    group: np.ndarray  # per cell: 0 = control, t + 1 = target t
+    group_labels: list[str]  # CONTROL_LABEL, then the targets
+    guide_names: list[str]  # the control guides, then each target's guides
+    guide_within: np.ndarray  # per cell: index of its guide among its group's guides
+    guide_code: np.ndarray  # per cell: index into guide_names
+    phase: np.ndarray  # per cell: 0 = G1, 1 = S, 2 = G2M
+    batch: np.ndarray  # per cell: batch index
+    n_batches: int
+    n_guides_per_target: int
+
+    @property
+    def is_control(self) -> np.ndarray:
+        return self.group == 0
+
+
+def _draw_design(
+    rng: np.random.Generator,
+    n_cells: int,
+    n_control: int,
+    targets: list[str],
+    n_batches: int,
+    n_guides_per_target: int,
+    n_control_guides: int,
+) -> _Design:
+    n_targets = len(targets)
+    n_per_target = np.full(n_targets, (n_cells - n_control) // n_targets)
+    n_per_target[: (n_cells - n_control) % n_targets] += 1
+    group_sizes = np.concatenate([[n_control], n_per_target])
+    group = np.repeat(np.arange(n_targets + 1), group_sizes)
+    group = group[rng.permutation(n_cells)]
+    is_control = group == 0
+
+    # guides: uniform within a group
+    guide_names = [f"NTg{j + 1}" for j in range(n_control_guides)]
+    guide_names += [f"{t}g{j + 1}" for t in targets for j in range(n_guides_per_target)]
+    guide_within = np.where(
+        is_control,
+        rng.integers(0, n_control_guides, size=n_cells),
+        rng.integers(0, n_guides_per_target, size=n_cells),
+    )
+    guide_code = np.where(
+        is_control, guide_within, n_control_guides + (group - 1) * n_guides_per_target + guide_within
+    )
+
+    phase = _draw_phases(rng, group, n_targets + 1)
+    return _Design(
+        group=group,
+        group_labels=[CONTROL_LABEL] + targets,
+        guide_names=guide_names,
+        guide_within=guide_within,
+        guide_code=guide_code,
+        phase=phase,
+        batch=rng.integers(0, n_batches, size=n_cells),
+        n_batches=n_batches,
+        n_guides_per_target=n_guides_per_target,
+    )
+
+
+def _draw_phases(rng: np.random.Generator, group: np.ndarray, n_groups: int) -> np.ndarray:
+    """Planted cell-cycle phase per cell (0 = G1, 1 = S, 2 = G2M), stratified within each group."""
+    phase = np.zeros(group.size, dtype=np.int8)
+    for g in range(n_groups):
+        cells = np.flatnonzero(group == g)
+        n_s = int(round(_PHASE_FRACTIONS["S"] * cells.size))
+        n_g2m = int(round(_PHASE_FRACTIONS["G2M"] * cells.size))
+        labels = np.zeros(cells.size, dtype=np.int8)
+        labels[:n_s] = 1
+        labels[n_s:n_s + n_g2m] = 2
+        phase[cells] = rng.permutation(labels)
+    return phase
+
+
+def _draw_usage(
+    rng: np.random.Generator, design: _Design, program_names: list[str], expression: str
+) -> np.ndarray:
+    """Planted usage before the perturbation effects, cells x programs."""
+    # Zero-inflated gamma usage: a program is active in a fraction `active` of the cells,
+    # with a gamma-distributed usage when active. Values are drawn by stratified (Latin
+    # hypercube) sampling within each perturbation group, so every cell's usage has exactly
+    # the intended marginal distribution while the group means of the unperturbed usage agree
+    # closely between groups: the planted fold changes are then the group-level truth.
+    n_programs = len(program_names)
+    active = rng.uniform(0.3, 0.6, size=n_programs)
+    if expression == "mixture":  # programs as profiles: active in 60-90 % of cells
+        active += _MIXTURE_EXTRA_ACTIVE
+    shape = rng.uniform(2.5, 4.5, size=n_programs)
+    active_mean = rng.uniform(1.2, 2.0, size=n_programs)
+    u = _stratified_uniform(rng, design.group, n_programs)
+    q = np.clip((u - (1.0 - active)) / active, 0.0, 1.0 - 1e-12)
+    usage = np.where(
+        u > 1.0 - active, special.gammaincinv(shape, q) * (active_mean / shape), 0.0
+    )
+    # cell-cycle programs follow the planted phase: mean 2 in the phase, 0.1 outside
+    cc_strata = design.group * 3 + design.phase
+    for label, code in ((S_PROGRAM, 1), (G2M_PROGRAM, 2)):
+        p = program_names.index(label)
+        u = _stratified_uniform(rng, cc_strata, 1)[:, 0]
+        usage[:, p] = np.where(
+            design.phase == code,
+            special.gammaincinv(8.0, u) * (2.0 / 8.0),
+            special.gammaincinv(2.0, u) * (0.1 / 2.0),
+        )
+    return usage
+
+
+def _draw_effects(
+    rng: np.random.Generator, targets: list[str], program_names: list[str]
+) -> tuple[list[tuple[str, str, float, str]], list[str]]:
+    """Planted effects as (perturbation, program, fold_change, direction) rows, and the
+    targets without an effect.
+
+    Null, single-program and two-program roles are shuffled over the targets; the programs
+    are dealt from a reshuffled cycle over the non-cell-cycle programs so that every program
+    gets a similar number of effects.
+    """
+    eligible = [p for p, name in enumerate(program_names) if name not in _CELL_CYCLE_PROGRAMS]
+    n_null, n_single, n_double = _effect_layout(len(targets), len(eligible))
+    roles = rng.permutation(np.repeat([0, 1, 2], [n_null, n_single, n_double]))
+    cycle: list[int] = []
+    effects = []
+    single_count = 0
+    for target, role in zip(targets, roles):
+        if role == 1:
+            direction = "up" if single_count % 2 == 0 else "down"
+            single_count += 1
+            p = _next_program(rng, cycle, eligible)
+            effects.append((target, program_names[p], _fold_change(rng, direction), direction))
+        elif role == 2:
+            p1 = _next_program(rng, cycle, eligible)
+            p2 = _next_program(rng, cycle, eligible, exclude=p1)
+            for p in (p1, p2):
+                direction = "up" if rng.random() < 0.5 else "down"
+                effects.append((target, program_names[p], _fold_change(rng, direction), direction))
+    null_targets = [target for target, role in zip(targets, roles) if role == 0]
+    return effects, null_targets
+
+
+def _next_program(
+    rng: np.random.Generator, cycle: list[int], eligible: list[int], exclude: int | None = None
+) -> int:
+    """Take the next program other than ``exclude`` from ``cycle``, refilling it when empty.
+
+    Such a program always exists: ``exclude`` was just taken from the cycle, whose entries
+    are distinct, or the cycle was just refilled with all ``eligible`` programs (at least two
+    whenever two-program targets are planted).
+    """
+    if not cycle:
+        cycle.extend(rng.permutation(eligible).tolist())
+    i = next(i for i, p in enumerate(cycle) if p != exclude)
+    return cycle.pop(i)
+
+
+def _fold_change(rng: np.random.Generator, direction: str) -> float:
+    return float(rng.uniform(2.0, 3.0) if direction == "up" else rng.uniform(0.2, 0.4))
+
+
+def _draw_guide_efficacy(
+    seed: int, guide_efficacy: tuple[float, float] | None, n_targets: int, n_guides_per_target: int
+) -> np.ndarray | None:
+    """Efficacy of every targeting guide (targets x guides), from its own stream; None when off."""
+    if guide_efficacy is None:
+        return None
+    low, high = guide_efficacy
+    return _option_rng(seed, 2).uniform(low, high, size=(n_targets, n_guides_per_target))
+
+
+def _efficacy_table(
+    efficacy: np.ndarray, targets: list[str], targeting_guides: list[str]
+) -> pd.DataFrame:
+    """``uns["simulation"]["guide_efficacy"]``: perturbation and efficacy per targeting guide."""
+    return pd.DataFrame(
+        {
+            "perturbation": np.repeat(targets, efficacy.shape[1]),
+            "efficacy": efficacy.ravel(),
+        },
+        index=pd.Index(targeting_guides, name="guide"),
+    )
+
+
+def _apply_effects(
+    usage: np.ndarray,
+    effects: list[tuple[str, str, float, str]],
+    design: _Design,
+    targets: list[str],
+    program_names: list[str],
+    efficacy: np.ndarray | None,
+) -> None:
+    """Multiply ``usage`` (in place) by each effect's fold change in the target's cells.
+
+    With ``efficacy`` (targets x guides) a cell's factor is ``fold_change ** efficacy`` of its
+    guide.
+    """
+    for pert, prog, fc, _ in effects:
+        t = targets.index(pert)
+        p = program_names.index(prog)
+        if efficacy is None:
+            usage[design.group == t + 1, p] *= fc
+        else:
+            cells = np.flatnonzero(design.group == t + 1)
+            usage[cells, p] *= fc ** efficacy[t, design.guide_within[cells]]
+
+
+def _expression_means(
+    rng: np.random.Generator,
+    genes: _Genes,
+    design: _Design,
+    usage: np.ndarray,
+    weights: np.ndarray,
+    expression: str,
+) -> np.ndarray:
+    """Expected UMI counts mu, cells x genes (see the module docstring)."""
+    n_cells = usage.shape[0]
+    batch_log = rng.normal(0.0, 0.15, size=(design.n_batches, genes.baseline.size))
+    batch_log[:, genes.mito_idx] = 0.0
+    # (usage @ W.T + log b) + batch, computed in place: the same IEEE operations as
+    # log b + usage @ W.T + batch (addition is commutative), without the extra temporaries
+    if expression == "mixture":
+        log_mu = _mixture_log_expression(genes.baseline, usage, weights)
+    else:
+        log_mu = usage @ weights.T
+        log_mu += np.log(np.maximum(genes.baseline, 1e-300))[None, :]
+    log_mu += batch_log[design.batch]
+    # mitochondrial share: lognormal per cell, with 3 % damaged cells (high mito, small library)
+    damaged = rng.random(n_cells) < 0.03
+    mito_log = rng.normal(0.0, 0.35, size=n_cells) + np.where(damaged, np.log(5.0), 0.0)
+    log_mu[:, genes.mito_idx] += mito_log[:, None]
+    log_mu -= log_mu.max(axis=1, keepdims=True)
+    mu = np.exp(log_mu, out=log_mu)
+    # target knockdown: guide-specific remaining fraction of the target's mRNA
+    n_targets = genes.target_idx.size
+    remaining = rng.uniform(0.1, 0.4, size=(n_targets, design.n_guides_per_target))
+    pert_cells = np.flatnonzero(~design.is_control)
+    target = design.group[pert_cells] - 1
+    mu[pert_cells, genes.target_idx[target]] *= remaining[target, design.guide_within[pert_cells]]
+    mu /= mu.sum(axis=1, keepdims=True)
+    batch_lib = np.exp(rng.normal(0.0, 0.1, size=design.n_batches))
+    library = rng.lognormal(np.log(4000.0), 0.35, size=n_cells) * batch_lib[design.batch]
+    library *= np.where(damaged, 0.4, 1.0)
+    mu *= library[:, None]
+    return mu
+
+
+def _draw_counts(
+    rng: np.random.Generator,
+    genes: _Genes,
+    design: _Design,
+    usage: np.ndarray,
+    weights: np.ndarray,
+    expression: str,
+) -> sp.csr_matrix:
+    """Gamma-Poisson (negative binomial) UMI counts, CSR ``int32``.
+
+    The expression means are computed here rather than passed in so that no caller holds on to
+    them while the counts are drawn.
+    """
+    mu = _expression_means(rng, genes, design, usage, weights, expression)
+    inv_phi = 1.0 / genes.dispersion
+    mu /= inv_phi[None, :]  # the gamma scale; mu is not needed afterwards
+    lam = rng.gamma(inv_phi[None, :], mu)
+    # the dense cells x genes arrays are freed as soon as they are used up
+    del mu
+    counts = rng.poisson(lam)
+    del lam
+    return sp.csr_matrix(counts.astype(np.int32), dtype=np.int32)
+
+
+def _screen_anndata(
+    counts: sp.csr_matrix,
+    genes: _Genes,
+    design: _Design,
+    weights: np.ndarray,
+    usage: np.ndarray,
+    truth: dict,
+) -> anndata.AnnData:
+    """The counts with the design in ``obs``, the gene profiles in ``var`` and the truth."""
+    n_cells = counts.shape[0]
+    width_c = max(5, len(str(n_cells)))
+    obs = pd.DataFrame(
+        {
+            "perturbation": pd.Categorical.from_codes(design.group, categories=design.group_labels),
+            "guide": pd.Categorical.from_codes(design.guide_code, categories=design.guide_names),
+            "batch": pd.Categorical.from_codes(
+                design.batch, categories=[f"batch_{b + 1}" for b in range(design.n_batches)]
+            ),
+            "is_control": design.is_control,
+            "simulation_phase": pd.Categorical.from_codes(
+                design.phase, categories=["G1", "S", "G2M"]
+            ),
+        },
+        index=pd.Index([f"CELL{i + 1:0{width_c}d}" for i in range(n_cells)], name="cell"),
+    )
+    var = pd.DataFrame(
+        {"simulation_baseline": genes.baseline, "simulation_dispersion": genes.dispersion},
+        index=pd.Index(genes.names, name="gene"),
+    )
+    adata = anndata.AnnData(X=counts, obs=obs, var=var)
+    adata.varm["simulation_weights"] = weights
+    adata.obsm["simulation_usage"] = usage
+    adata.uns["control_label"] = CONTROL_LABEL
+    adata.uns["simulation"] = truth
+    return adata
 
 
 # --------------------------------------------------------------------------------------
@@ -707,8 +886,8 @@ def planted_gene_sets(adata: anndata.AnnData, n_decoys: int = 40, seed: int = 0)
         ``PLANTED_<PROGRAM>`` -> member genes of that program (sorted by decreasing planted
         weight), then ``DECOY_<i>`` -> random genes. Deterministic for a given ``seed``.
     """
-    n_decoys = _check_int("n_decoys", n_decoys, 0)
-    seed = _check_seed(seed)
+    n_decoys = check_int("n_decoys", n_decoys, 0)
+    seed = check_int("seed", seed, 0)
     members = _program_members(adata)
     sets = {f"PLANTED_{name}": genes for name, genes in members.items()}
     sizes = [len(g) for g in members.values()]
@@ -806,39 +985,3 @@ def write_cell_cycle_genes(path, adata: anndata.AnnData) -> pathlib.Path:
     table = pd.DataFrame(rows, columns=["gene", "phase"])
     table.to_csv(path, sep="\t", index=False)
     return path
-
-
-def write_demo_inputs(directory, seed: int = 0, **simulate_kwargs) -> dict[str, pathlib.Path]:
-    """Simulate a screen and write the pipeline's three input files.
-
-    Parameters
-    ----------
-    directory
-        Output directory, created (with parents) if needed.
-    seed
-        Seed for :func:`simulate_screen` and the decoys of :func:`planted_gene_sets`.
-    **simulate_kwargs
-        Further arguments of :func:`simulate_screen`.
-
-    Returns
-    -------
-    dict[str, pathlib.Path]
-        ``{"input": <dir>/simulated_screen.h5ad, "gene_sets": <dir>/simulated_gene_sets.gmt,
-        "cell_cycle_genes": <dir>/simulated_cell_cycle_genes.tsv}``.
-    """
-    directory = pathlib.Path(os.fspath(directory))
-    adata = simulate_screen(seed=seed, **simulate_kwargs)
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "input": directory / _SCREEN_FILE,
-        "gene_sets": directory / _GMT_FILE,
-        "cell_cycle_genes": directory / _CELL_CYCLE_FILE,
-    }
-    adata.write_h5ad(paths["input"])
-    write_gmt(
-        paths["gene_sets"],
-        planted_gene_sets(adata, seed=seed),
-        description="perturbnmf_simulated_screen",
-    )
-    write_cell_cycle_genes(paths["cell_cycle_genes"], adata)
-    return paths

@@ -1,0 +1,129 @@
+"""Every file a step writes into the run's ``data/`` folder, and the reading of earlier steps' files.
+
+The notebooks call these by name (``artifacts.save_table(anova, paths.program_anova)``), so a
+step's outputs are written in one visible place; the report sections only display. Files are
+written whole or not at all (h5ad through a temporary name), and later steps read what earlier
+steps wrote through :func:`read_h5ad` / :func:`read_table`, which name the step to run when a
+file is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import anndata as ad
+import pandas as pd
+import yaml
+
+from .runfolder import RunPaths
+
+__all__ = ["atomic_write", "save_h5ad", "read_h5ad", "save_table", "read_table", "save_json", "save_k_selection",
+           "update_recovery", "save_calibration", "write_workbook", "save_summary_workbook", "save_params_yaml",
+           "SUMMARY_SHEETS"]
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(temporary_path)``, then rename it to ``path``: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.partial")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_h5ad(adata: ad.AnnData, path: Path, step: str, record: dict[str, Any]) -> Path:
+    """A step's AnnData, with the step's provenance in ``uns['perturbnmf']['<step>_provenance']``."""
+    adata.uns.setdefault("perturbnmf", {})[f"{step}_provenance"] = json.dumps(record, default=str)
+    atomic_write(Path(path), lambda tmp: adata.write_h5ad(tmp))
+    return Path(path)
+
+
+def read_h5ad(path: Path, producing_step: str) -> ad.AnnData:
+    """Read the artifact of an earlier step, or say which step to run first."""
+    if not Path(path).exists():
+        raise FileNotFoundError(
+            f"{path} does not exist: run the {producing_step} step of this run first "
+            f"(python run_all.py PARAMS.yaml --from {producing_step})."
+        )
+    return ad.read_h5ad(path)
+
+
+def save_table(frame: pd.DataFrame, path: Path) -> Path:
+    """A table as CSV (no index: every column is named)."""
+    frame.to_csv(path, index=False)
+    return Path(path)
+
+
+def read_table(path: Path, producing_step: str) -> pd.DataFrame:
+    """A CSV table of an earlier step, or say which step to run first."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} does not exist: run the {producing_step} step of this run first "
+                                f"(python run_all.py PARAMS.yaml --from {producing_step}).")
+    return pd.read_csv(path)
+
+
+def save_json(mapping: dict[str, Any], path: Path) -> Path:
+    Path(path).write_text(json.dumps(mapping, indent=2))
+    return Path(path)
+
+
+#: The keys of ``uns['snmf']`` that the index page shows (k_selection.json).
+K_SELECTION_KEYS = ("model", "k", "suggested_k", "k_rule", "k_source", "relative_error", "holdout_relative_error",
+                    "stability")
+
+
+def save_k_selection(adata: ad.AnnData, paths: RunPaths) -> Path:
+    """k_selection.json: the kept and suggested k, the rule and the fit of the kept model."""
+    return save_json({key: adata.uns["snmf"][key] for key in K_SELECTION_KEYS}, paths.k_selection_json)
+
+
+def update_recovery(paths: RunPaths, values: dict[str, Any]) -> Path:
+    """Add ``values`` to demo_recovery.json (steps 2 and 3 each add their part of the truth check)."""
+    record = json.loads(paths.recovery_json.read_text()) if paths.recovery_json.exists() else {}
+    record.update(values)
+    return save_json(record, paths.recovery_json)
+
+
+def save_calibration(null: pd.DataFrame, summary: dict[str, Any], paths: RunPaths) -> None:
+    """calibration_null.csv (every null test) and calibration.json (its summary)."""
+    save_table(null, paths.calibration_null)
+    save_json(summary, paths.calibration_json)
+
+
+def write_workbook(path: str | Path, sheets: dict[str, pd.DataFrame]) -> Path:
+    """One Excel workbook, a sheet per table (names cut to Excel's 31 characters)."""
+    path = Path(path)
+    with pd.ExcelWriter(path, engine="openpyxl") as writer:
+        for name, frame in sheets.items():
+            frame.to_excel(writer, sheet_name=name[:31], index=False)
+    return path
+
+
+#: summary.xlsx: sheet name -> the run file it holds (the answer first, then the original analysis's sheets).
+SUMMARY_SHEETS = {
+    "Perturbation Hits": "perturbation_hits", "Program Labels": "program_labels", "W_ANOVA": "program_anova",
+    "Significant Factors": "program_anova", "Pathway Enrichment": "enrichment", "Top Pathways": "top_terms",
+    "Program Contrasts": "program_contrasts", "Guide Effects": "guide_effects", "Prerank": "prerank",
+    "Top Genes": "top_genes",
+}
+
+
+def save_summary_workbook(paths: RunPaths, fdr: float) -> Path:
+    """summary.xlsx: every table of the run that exists, a sheet each; "Significant Factors" are the
+    programs whose ANOVA q < ``fdr``."""
+    sheets = {}
+    for name, field in SUMMARY_SHEETS.items():
+        path = getattr(paths, field)
+        if path.exists():
+            frame = pd.read_csv(path)
+            sheets[name] = frame[frame["qvalue"] < fdr] if name == "Significant Factors" else frame
+    return write_workbook(paths.summary_xlsx, sheets)
+
+
+def save_params_yaml(path: Path, values: dict[str, Any]) -> Path:
+    """The run's validated parameters (defaults filled in), ready to rerun."""
+    Path(path).write_text("# The parameters of this run, as validated (defaults filled in).\n"
+                          "# Rerun it with: python run_all.py <this file>\n"
+                          + yaml.safe_dump(values, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return Path(path)

@@ -1,0 +1,17 @@
+"""What each step's report shows, one module per step: tables with the sentence that explains them,
+notes, warnings and figures. Sections only display; the notebooks compute with ``tl`` and write
+files with :mod:`perturbnmf.report.artifacts`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import html
+from . import enrichment, factorize, preprocess, stats
+
+__all__ = ["preprocess", "factorize", "stats", "enrichment", "show_written"]
+
+
+def show_written(adata, path: Path) -> None:
+    """The note under a step's output: which h5ad it wrote, of what size."""
+    html.note(f"Wrote <code>{Path(path).name}</code>: {adata.n_obs} cells × {adata.n_vars} genes.")
