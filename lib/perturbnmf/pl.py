@@ -26,6 +26,11 @@ CONTROL_COLOR = "#7f7f7f"
 # Colour bar of clustered heatmaps right of the row labels (the default sits on the dendrograms).
 _CBAR_RIGHT = (1.1, 0.3, 0.015, 0.4)
 PALETTE = "tab10"
+#: Above this many perturbation groups a figure shows the groups that differ most from control (and the
+#: control), or a distribution, instead of one row per group: a genome-wide screen has ~10,000.
+MAX_GROUPS_SHOWN = 40
+#: Rows of the effect heatmap above which it shows only the perturbations with the strongest hits.
+MAX_HEATMAP_ROWS = 60
 
 
 def _shorten(text: str, limit: int) -> str:
@@ -79,8 +84,12 @@ def gene_selection(var: pd.DataFrame):
     return fig
 
 
-def cells_per_group(obs: pd.DataFrame, perturbation_key: str, control_label: str, batch_key: str | None = None):
-    """Horizontal bars of cells per perturbation (stacked by batch), control in grey."""
+def cells_per_group(obs: pd.DataFrame, perturbation_key: str, control_label: str, batch_key: str | None = None,
+                    max_groups: int = MAX_GROUPS_SHOWN):
+    """Cells per perturbation: horizontal bars (stacked by batch, control in grey) for up to ``max_groups``
+    groups; above that a histogram of the perturbations' cell counts with the control's marked."""
+    if obs[perturbation_key].nunique() > max_groups:
+        return _cells_per_group_histogram(obs[perturbation_key], control_label)
     if batch_key:
         table = pd.crosstab(obs[perturbation_key], obs[batch_key])
     else:
@@ -102,17 +111,48 @@ def cells_per_group(obs: pd.DataFrame, perturbation_key: str, control_label: str
     return fig
 
 
-def cell_cycle_phases(obs: pd.DataFrame, perturbation_key: str):
-    """Share of cells in G1 / S / G2M per perturbation group."""
+def _cells_per_group_histogram(groups: pd.Series, control_label: str):
+    counts = groups.astype(str).value_counts()
+    perturbed = counts.drop(control_label, errors="ignore")
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    low, high = int(perturbed.min()), int(perturbed.max())
+    bins = np.arange(low, high + 2) - 0.5 if high - low < 60 else 60  # whole cells when the range is narrow
+    ax.hist(perturbed.to_numpy(), bins=bins, color="#4c72b0")
+    ax.axvline(perturbed.median(), color="black", linestyle="--", linewidth=0.8,
+               label=f"median {perturbed.median():.0f} cells")
+    ax.set_xlabel("cells per perturbation")
+    ax.set_ylabel("perturbations")
+    ax.set_title(f"Cells per perturbation: {len(perturbed):,} perturbations; {control_label}: "
+                 f"{counts.get(control_label, 0):,} cells; fewest {perturbed.min():,} ({perturbed.idxmin()})")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def _phase_table(obs: pd.DataFrame, perturbation_key: str, max_groups: int) -> tuple[pd.DataFrame, str]:
+    """Share of each group's cells per phase, and what the figure shows: every group, or the
+    ``max_groups`` whose shares differ most (L1) from those of all cells."""
     table = pd.crosstab(obs[perturbation_key], obs["phase"], normalize="index")
     table = table.reindex(columns=[c for c in ("G1", "S", "G2M") if c in table.columns])
-    table = table.sort_values(table.columns[0])
+    which = ""
+    if len(table) > max_groups:
+        overall = obs["phase"].value_counts(normalize=True).reindex(table.columns, fill_value=0.0)
+        distance = (table - overall).abs().sum(axis=1).sort_values(ascending=False, kind="stable")
+        which = f": the {max_groups} of {len(table):,} groups whose phases differ most from all cells'"
+        table = table.loc[distance.index[:max_groups]]
+    return table.sort_values(table.columns[0]), which
+
+
+def cell_cycle_phases(obs: pd.DataFrame, perturbation_key: str, max_groups: int = MAX_GROUPS_SHOWN):
+    """Share of cells in G1 / S / G2M per perturbation group (above ``max_groups`` groups, the groups
+    whose shares differ most from all cells')."""
+    table, which = _phase_table(obs, perturbation_key, max_groups)
     fig, ax = plt.subplots(figsize=(7, _group_height(len(table), 0.22)))
     table.plot.barh(stacked=True, ax=ax, width=0.8, color=["#c7d7ea", "#6baed6", "#08519c"][: table.shape[1]])
     ax.set_xlabel("fraction of cells")
     ax.set_ylabel("perturbation")
     ax.set_xlim(0, 1)
-    ax.set_title("Cell-cycle phase per perturbation")
+    ax.set_title("Cell-cycle phase per perturbation" + which, **({"fontsize": 9} if which else {}))
     ax.legend(title="phase", frameon=False, bbox_to_anchor=(1.0, 1.0), loc="upper left")
     fig.tight_layout()
     return fig
@@ -191,15 +231,25 @@ def objective_trace(objective: np.ndarray, k: int):
     return fig
 
 
+def _groups_differing_most(usage: pd.DataFrame, groups: pd.Series, control_label: str, n: int) -> list[str]:
+    """The ``n`` perturbation groups whose mean usage (each program in units of its SD) lies farthest
+    from the control's, farthest first."""
+    scaled = usage / usage.std(ddof=0).replace(0, 1.0)
+    means = scaled.groupby(groups.to_numpy()).mean()
+    distance = ((means - means.loc[control_label]) ** 2).sum(axis=1).drop(control_label)
+    return distance.sort_values(ascending=False, kind="stable").index[:n].tolist()
+
+
 def _sampled_usage(usage: pd.DataFrame, groups: pd.Series, control_label: str, max_cells_per_group: int,
-                   seed: int) -> tuple[np.ndarray, list[tuple[str, int, int]]]:
-    """Usage of up to ``max_cells_per_group`` random cells per group, control first, then groups sorted.
+                   seed: int, shown: list[str] | None = None) -> tuple[np.ndarray, list[tuple[str, int, int]]]:
+    """Usage of up to ``max_cells_per_group`` random cells per group, control first, then groups sorted
+    (only the groups ``shown`` when given).
 
     Returns the (cells, programs) usage scaled to each program's 99th percentile and clipped to
     [0, 1], and ``(group, start, stop)``: the rows of each group.
     """
     rng = np.random.default_rng(seed)
-    order = [control_label] + sorted(g for g in groups.unique() if g != control_label)
+    order = [control_label] + sorted(g for g in (groups.unique() if shown is None else shown) if g != control_label)
     picked, bounds = [], []
     for group in order:
         cells = np.flatnonzero((groups == group).to_numpy())
@@ -214,9 +264,16 @@ def _sampled_usage(usage: pd.DataFrame, groups: pd.Series, control_label: str, m
 
 
 def usage_heatmap(usage: pd.DataFrame, groups: pd.Series, control_label: str,
-                  max_cells_per_group: int = 40, seed: int = 0):
-    """Program usage of cells grouped by perturbation (a random sample per group), scaled per program."""
-    values, bounds = _sampled_usage(usage, groups, control_label, max_cells_per_group, seed)
+                  max_cells_per_group: int = 40, seed: int = 0, max_groups: int = MAX_GROUPS_SHOWN):
+    """Program usage of cells grouped by perturbation (a random sample per group), scaled per program.
+
+    With more than ``max_groups`` groups, the control and the ``max_groups - 1`` perturbations whose
+    mean usage differs most from the control's are shown.
+    """
+    n_groups = groups.nunique()
+    shown = (_groups_differing_most(usage, groups, control_label, max_groups - 1) if n_groups > max_groups
+             else None)
+    values, bounds = _sampled_usage(usage, groups, control_label, max_cells_per_group, seed, shown)
     fig, ax = plt.subplots(figsize=(min(16, 5 + 0.06 * len(values)), 1.8 + 0.28 * usage.shape[1]))
     image = ax.imshow(values.T, aspect="auto", cmap="viridis", interpolation="nearest")
     for _, start, stop in bounds[1:]:
@@ -225,7 +282,9 @@ def usage_heatmap(usage: pd.DataFrame, groups: pd.Series, control_label: str,
     ax.set_xticklabels([name for name, _, _ in bounds], rotation=90, fontsize=8)
     ax.set_yticks(range(usage.shape[1]))
     ax.set_yticklabels(usage.columns, fontsize=8)
-    ax.set_xlabel(f"cells grouped by perturbation (up to {max_cells_per_group} per group)")
+    which = ("" if shown is None else
+             f"; the {len(shown)} of {n_groups - 1:,} perturbations whose mean usage differs most from control")
+    ax.set_xlabel(f"cells grouped by perturbation (up to {max_cells_per_group} per group{which})")
     ax.set_ylabel("program")
     ax.set_title("Program usage W per cell (scaled to each program's 99th percentile)")
     fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01, label="scaled usage")
@@ -270,21 +329,38 @@ def similarity_heatmap(similarity: pd.DataFrame, title: str = "Planted vs recove
 
 # --- 03 stats ----------------------------------------------------------------------------
 
+def _boxplot_groups(frame: pd.DataFrame, program: str, control_label: str, max_groups: int) -> list[str]:
+    """The groups of one program's boxplot, by median usage: every group, or, with more than
+    ``max_groups``, the control and the ``max_groups - 1`` perturbations whose mean usage of the program
+    differs most from the control's."""
+    by_group = frame.groupby("_group")[program]
+    if by_group.ngroups > max_groups:
+        shift = (by_group.mean() - by_group.mean().get(control_label, np.nan)).abs().drop(control_label, errors="ignore")
+        kept = shift.sort_values(ascending=False, kind="stable").index[: max_groups - 1].tolist() + [control_label]
+        by_group = frame[frame["_group"].isin(kept)].groupby("_group")[program]
+    return by_group.median().sort_values(ascending=False).index.tolist()
+
+
 def program_boxplots(usage: pd.DataFrame, groups: pd.Series, programs: list[str], control_label: str,
-                    titles: dict[str, str] | None = None, ncols: int = 3):
-    """Usage of each program across perturbation groups, groups ordered by median, control in grey."""
+                     titles: dict[str, str] | None = None, ncols: int = 3, max_groups: int = MAX_GROUPS_SHOWN):
+    """Usage of each program across perturbation groups, groups ordered by median, control in grey.
+
+    With more than ``max_groups`` groups, each panel shows the control and the ``max_groups - 1``
+    perturbations that shift that program's mean usage most.
+    """
     n = len(programs)
     ncols = min(ncols, n)
     nrows = int(np.ceil(n / ncols))
     n_groups = groups.nunique()
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, _group_height(n_groups, 0.2, 3.5) * nrows),
-                             squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, _group_height(min(n_groups, max_groups), 0.2, 3.5)
+                                                    * nrows), squeeze=False)
     frame = usage[programs].assign(_group=groups.astype(str).to_numpy())
     for ax, program in zip(axes.flat, programs):
-        order = frame.groupby("_group")[program].median().sort_values(ascending=False).index.tolist()
+        order = _boxplot_groups(frame, program, control_label, max_groups)
         colors = {g: (CONTROL_COLOR if g == control_label else "#4c72b0") for g in order}
-        sns.boxplot(data=frame, y="_group", x=program, order=order, hue="_group", palette=colors, legend=False,
-                    ax=ax, fliersize=1, linewidth=0.8)
+        sns.boxplot(data=frame[frame["_group"].isin(order)] if n_groups > max_groups else frame, y="_group",
+                    x=program, order=order, hue="_group", palette=colors, legend=False, ax=ax, fliersize=1,
+                    linewidth=0.8)
         ax.axvline(frame.loc[frame["_group"] == control_label, program].median(), color=CONTROL_COLOR,
                    linestyle="--", linewidth=0.8)
         ax.set_ylabel("perturbation")
@@ -293,16 +369,37 @@ def program_boxplots(usage: pd.DataFrame, groups: pd.Series, programs: list[str]
         ax.set_title((titles or {}).get(program, program), fontsize=10)
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
-    fig.suptitle("Program usage by perturbation (dashed: control median)", fontweight="bold")
-    fig.tight_layout()
+    if n_groups > max_groups:
+        fig.suptitle("Program usage by perturbation (dashed: control median)\nper program, the control and the "
+                     f"{max_groups - 1} of {n_groups - 1:,} perturbations that shift it most", fontweight="bold")
+        fig.tight_layout(rect=(0, 0, 1, 0.97))
+    else:
+        fig.suptitle("Program usage by perturbation (dashed: control median)", fontweight="bold")
+        fig.tight_layout()
     return fig
 
 
-def effect_heatmap(contrasts: pd.DataFrame, fdr: float, value: str = "effect_std", labels: dict | None = None):
+def _strongest_perturbations(contrasts: pd.DataFrame, fdr: float, value: str, n: int) -> list[str]:
+    """The ``n`` perturbations with the strongest hits: smallest q first, then largest |value|;
+    perturbations without a hit only when fewer than ``n`` have one."""
+    per = contrasts.assign(_abs=contrasts[value].abs()).groupby("perturbation").agg(q=("qvalue", "min"),
+                                                                                  size=("_abs", "max"))
+    hits = per[per["q"] < fdr].sort_values(["q", "size"], ascending=[True, False], kind="stable")
+    rest = per[~(per["q"] < fdr)].sort_values("size", ascending=False, kind="stable")
+    return (hits.index.tolist() + rest.index.tolist())[:n] if len(hits) < n else hits.index[:n].tolist()
+
+
+def effect_heatmap(contrasts: pd.DataFrame, fdr: float, value: str = "effect_std", labels: dict | None = None,
+                   max_rows: int = MAX_HEATMAP_ROWS):
     """Clustered perturbation × program heatmap of standardised effects; * marks q < fdr.
 
-    ``labels`` maps program names to the labels shown on the x axis (e.g. from enrichment).
+    ``labels`` maps program names to the labels shown on the x axis (e.g. from enrichment). With more
+    than ``max_rows`` perturbations, the ``max_rows`` with the strongest hits are shown.
     """
+    n_perturbations = contrasts["perturbation"].nunique()
+    if n_perturbations > max_rows:
+        contrasts = contrasts[contrasts["perturbation"].isin(_strongest_perturbations(contrasts, fdr, value,
+                                                                                       max_rows))]
     table = contrasts.pivot(index="perturbation", columns="program", values=value)
     qvalues = contrasts.pivot(index="perturbation", columns="program", values="qvalue").reindex_like(table)
     marks = np.where(qvalues.to_numpy() < fdr, "*", "")
@@ -312,15 +409,17 @@ def effect_heatmap(contrasts: pd.DataFrame, fdr: float, value: str = "effect_std
                   annot_kws={"fontsize": 9}, xticklabels=True, yticklabels=True,
                   cbar_kws={"label": "effect (Cohen's d vs control)"})
     size = (min(20, 3 + 0.42 * table.shape[1]), min(26, 2.5 + 0.3 * table.shape[0]))
+    subset = (f": the {table.shape[0]} of {n_perturbations:,} perturbations with the strongest hits"
+              if n_perturbations > max_rows else "")
     if clustered:
         grid = sns.clustermap(table.fillna(0), figsize=size, method="average", dendrogram_ratio=(0.1, 0.08),
                               cbar_pos=_CBAR_RIGHT, **kwargs)
         ax, fig = grid.ax_heatmap, grid.figure
-        fig.suptitle(f"Perturbation effects on programs (* q < {fdr})", fontweight="bold", y=1.02)
+        fig.suptitle(f"Perturbation effects on programs (* q < {fdr}){subset}", fontweight="bold", y=1.02)
     else:
         fig, ax = plt.subplots(figsize=size)
         sns.heatmap(table, ax=ax, **kwargs)
-        ax.set_title(f"Perturbation effects on programs (* q < {fdr})")
+        ax.set_title(f"Perturbation effects on programs (* q < {fdr}){subset}")
     if labels:
         ax.set_xticklabels([labels.get(t.get_text(), t.get_text()) for t in ax.get_xticklabels()], rotation=90)
     ax.set_xlabel("program")

@@ -21,8 +21,8 @@ import yaml
 from .runfolder import RunPaths
 
 __all__ = ["atomic_write", "save_h5ad", "read_h5ad", "save_table", "read_table", "save_json", "save_k_selection",
-           "update_recovery", "save_calibration", "write_workbook", "save_summary_workbook", "save_params_yaml",
-           "SUMMARY_SHEETS"]
+           "update_recovery", "save_calibration", "write_workbook", "EXCEL_MAX_ROWS", "save_summary_workbook",
+           "save_params_yaml", "SUMMARY_SHEETS"]
 
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
@@ -91,12 +91,29 @@ def save_calibration(null: pd.DataFrame, summary: dict[str, Any], paths: RunPath
     save_json(summary, paths.calibration_json)
 
 
+#: Rows of an Excel sheet, the header included (Excel's limit).
+EXCEL_MAX_ROWS = 1_048_576
+
+
+def _sheets(name: str, frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """A table as one sheet, or, when longer than Excel allows, as consecutive sheets "name (1)", "name (2)", …
+    (names cut to Excel's 31 characters)."""
+    rows = EXCEL_MAX_ROWS - 1
+    if len(frame) <= rows:
+        return [(name[:31], frame)]
+    parts = range(0, len(frame), rows)
+    return [(f"{name[:31 - len(f' ({i})')]} ({i})", frame.iloc[start:start + rows])
+            for i, start in enumerate(parts, 1)]
+
+
 def write_workbook(path: str | Path, sheets: dict[str, pd.DataFrame]) -> Path:
-    """One Excel workbook, a sheet per table (names cut to Excel's 31 characters)."""
+    """One Excel workbook, a sheet per table; a table longer than Excel's row limit continues on numbered
+    sheets, so no row is lost (every table is also a CSV in data/)."""
     path = Path(path)
     with pd.ExcelWriter(path, engine="openpyxl") as writer:
         for name, frame in sheets.items():
-            frame.to_excel(writer, sheet_name=name[:31], index=False)
+            for sheet, part in _sheets(name, frame):
+                part.to_excel(writer, sheet_name=sheet, index=False)
     return path
 
 
