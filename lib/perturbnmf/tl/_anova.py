@@ -1,8 +1,8 @@
 """The omnibus test: does a program's usage differ between perturbation groups at all?
 
 :func:`program_anova` runs one F-test per program (optionally adjusting for batch);
-:func:`_anova_core` is that test for any grouping, also used for the guide heterogeneity of
-:func:`perturbnmf.tl.add_consistency`.
+:func:`_anova_core` is that test for any grouping. The models are fitted from per-group and
+per-batch sums, so thousands of perturbation groups cost no dense design matrix.
 """
 
 from __future__ import annotations
@@ -19,18 +19,34 @@ __all__ = ["program_anova"]
 ANOVA_COLUMNS = ["program", "F", "pvalue", "qvalue", "df_group", "df_resid", "eta_squared"]
 
 
-def _dummies(codes: np.ndarray, n_levels: int) -> np.ndarray:
-    """Treatment-coded indicator columns (first level dropped), shape (n, n_levels - 1)."""
-    out = np.zeros((codes.size, max(n_levels - 1, 0)))
-    rows = np.flatnonzero(codes > 0)
-    out[rows, codes[rows] - 1] = 1.0
-    return out
+def _level_sums(codes: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Codes renumbered ``0 .. levels - 1``, and per level the number of rows and the column sums of ``Y``."""
+    codes = np.unique(codes, return_inverse=True)[1]
+    counts = np.bincount(codes).astype(float)
+    sums = np.zeros((counts.size, Y.shape[1]))
+    np.add.at(sums, codes, Y)
+    return codes, counts, sums
 
 
-def _fitted(X: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, int]:
-    """Least-squares fitted values of every column of Y and the rank of X."""
-    beta, _, rank, _ = np.linalg.lstsq(X, Y, rcond=None)
-    return X @ beta, int(rank)
+def _fitted(Yc: np.ndarray, g_codes: np.ndarray, b_codes=None) -> tuple[np.ndarray, int]:
+    """Least-squares fitted values of every column of ``Yc`` (centred) under ``C(group) [+ C(batch)]``,
+    and the model's rank (intercept included).
+
+    Solved from the groups' and batches' sums (the normal equations of the indicator design), never
+    from the n × (groups + batches) design itself: the group block is diagonal, so it is eliminated
+    and only the batches' Schur complement (batches × batches) is solved. Memory and time follow
+    cells × programs, not cells × groups (a genome-wide screen has 10,000 groups).
+    """
+    g_codes, n_g, s_g = _level_sums(g_codes, Yc)
+    if b_codes is None:
+        return (s_g / n_g[:, None])[g_codes], n_g.size
+    b_codes, n_b, s_b = _level_sums(b_codes, Yc)
+    crossed = np.zeros((n_g.size, n_b.size))
+    np.add.at(crossed, (g_codes, b_codes), 1.0)
+    schur = np.diag(n_b) - crossed.T @ (crossed / n_g[:, None])
+    beta_b, _, rank_b, _ = np.linalg.lstsq(schur, s_b - crossed.T @ (s_g / n_g[:, None]), rcond=None)
+    beta_g = (s_g - crossed @ beta_b) / n_g[:, None]
+    return beta_g[g_codes] + beta_b[b_codes], n_g.size + int(rank_b)
 
 
 def _anova_core(Y: np.ndarray, g_codes: np.ndarray, b_codes=None):
@@ -54,17 +70,11 @@ def _anova_core(Y: np.ndarray, g_codes: np.ndarray, b_codes=None):
     # Both models contain the intercept: centring Y removes it exactly and
     # improves the conditioning of the least-squares problems.
     Yc = Y - Y.mean(axis=0)
-    parts_red = [np.ones((n, 1))]
-    if b_codes is not None:
-        parts_red.append(_dummies(b_codes, int(b_codes.max()) + 1))
-    X_red = np.hstack(parts_red)
-    X_full = np.hstack([X_red, _dummies(g_codes, int(g_codes.max()) + 1)])
-
-    fit_full, rank_full = _fitted(X_full, Yc)
-    if X_red.shape[1] == 1:
+    fit_full, rank_full = _fitted(Yc, g_codes, b_codes)
+    if b_codes is None:
         fit_red, rank_red = np.zeros_like(Yc), 1  # centred data: intercept fit is 0
     else:
-        fit_red, rank_red = _fitted(X_red, Yc)
+        fit_red, rank_red = _fitted(Yc, b_codes)
 
     ss_group = np.sum((fit_full - fit_red) ** 2, axis=0)
     ss_resid = np.sum((Yc - fit_full) ** 2, axis=0)
