@@ -117,12 +117,13 @@ def _cells_per_group_histogram(groups: pd.Series, control_label: str):
     fig, ax = plt.subplots(figsize=(7, 3.6))
     low, high = int(perturbed.min()), int(perturbed.max())
     bins = np.arange(low, high + 2) - 0.5 if high - low < 60 else 60  # whole cells when the range is narrow
-    ax.hist(perturbed.to_numpy(), bins=bins, color="#4c72b0")
+    ax.hist(perturbed.to_numpy(), bins=bins, color="#4c72b0", edgecolor="white", linewidth=0.5)
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.axvline(perturbed.median(), color="black", linestyle="--", linewidth=0.8,
-               label=f"median {perturbed.median():.0f} cells")
+               label=f"median {perturbed.median():g} cells")
     ax.set_xlabel("cells per perturbation")
     ax.set_ylabel("perturbations")
-    ax.set_title(f"Cells per perturbation: {len(perturbed):,} perturbations; {control_label}: "
+    ax.set_title(f"Cells per perturbation: {len(perturbed):,} perturbations\n{control_label}: "
                  f"{counts.get(control_label, 0):,} cells; fewest {perturbed.min():,} ({perturbed.idxmin()})")
     ax.legend(frameon=False)
     fig.tight_layout()
