@@ -39,13 +39,16 @@ def save_h5ad(adata: ad.AnnData, path: Path, step: str, record: dict[str, Any]) 
     return Path(path)
 
 
+def _require(path: Path, producing_step: str) -> None:
+    """An earlier step's file exists, or say which step to run first."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} does not exist: run the {producing_step} step of this run first "
+                                f"(python run_all.py PARAMS.yaml --from {producing_step}).")
+
+
 def read_h5ad(path: Path, producing_step: str) -> ad.AnnData:
     """Read the artifact of an earlier step, or say which step to run first."""
-    if not Path(path).exists():
-        raise FileNotFoundError(
-            f"{path} does not exist: run the {producing_step} step of this run first "
-            f"(python run_all.py PARAMS.yaml --from {producing_step})."
-        )
+    _require(path, producing_step)
     return ad.read_h5ad(path)
 
 
@@ -57,9 +60,7 @@ def save_table(frame: pd.DataFrame, path: Path) -> Path:
 
 def read_table(path: Path, producing_step: str) -> pd.DataFrame:
     """A CSV table of an earlier step, or say which step to run first."""
-    if not Path(path).exists():
-        raise FileNotFoundError(f"{path} does not exist: run the {producing_step} step of this run first "
-                                f"(python run_all.py PARAMS.yaml --from {producing_step}).")
+    _require(path, producing_step)
     return pd.read_csv(path)
 
 
@@ -129,11 +130,12 @@ SUMMARY_SHEETS = {
 def save_summary_workbook(paths: RunPaths, fdr: float) -> Path:
     """summary.xlsx: every table of the run that exists, a sheet each; "Significant Factors" are the
     programs whose ANOVA q < ``fdr``."""
+    tables = {field: pd.read_csv(getattr(paths, field)) for field in dict.fromkeys(SUMMARY_SHEETS.values())
+              if getattr(paths, field).exists()}
     sheets = {}
     for name, field in SUMMARY_SHEETS.items():
-        path = getattr(paths, field)
-        if path.exists():
-            frame = pd.read_csv(path)
+        if field in tables:
+            frame = tables[field]
             sheets[name] = frame[frame["qvalue"] < fdr] if name == "Significant Factors" else frame
     return write_workbook(paths.summary_xlsx, sheets)
 

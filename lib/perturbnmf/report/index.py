@@ -12,6 +12,7 @@ import pandas as pd
 from ..tl import significant_pairs
 from . import provenance
 from .runfolder import STEPS, RunPaths
+from .sections.factorize import model_name
 
 __all__ = ["write_index"]
 
@@ -71,7 +72,7 @@ def _top_hits_html(paths: RunPaths, fdr: float, n_hits: int) -> str:
 
 def _selection_cards(paths: RunPaths) -> list[tuple[str, Any]]:
     selection = json.loads(paths.k_selection_json.read_text())
-    return [("model", {"nmf": "NMF", "seminmf": "semi-NMF"}.get(selection.get("model"), "semi-NMF")),
+    return [("model", model_name(selection)),
             ("programs (k)", selection["k"]), ("suggested k", selection["suggested_k"]),
             ("held-out relative error", f"{selection['holdout_relative_error']:.3f}"),
             ("stability", f"{selection['stability']:.2f}")]

@@ -472,20 +472,28 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 _PARAMETER_LINE = re.compile(r"^(?P<name>[A-Za-z_]\w*)\s*:.*?(#\s*(?P<help>.*))?$")
 
 
+def _parameters_cell(nb, notebook: Path):
+    """The one cell tagged ``parameters`` of notebook ``nb`` (read from ``notebook``)."""
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    if len(cells) != 1:
+        raise ParameterError(f"{notebook}: expected exactly one cell tagged 'parameters', found {len(cells)}.")
+    return cells[0]
+
+
+def _read_notebook(notebook: Path):
+    import nbformat
+
+    return nbformat.read(str(notebook), as_version=4)
+
+
 def read_parameters_cell(notebook: str | Path) -> dict[str, Parameter]:
     """The parameters a notebook's cell tagged ``parameters`` declares, in order.
 
     Every statement of the cell must be ``name: type = literal  # meaning``. Used to check that
     the notebooks match :data:`SCHEMA` (the declared ``steps`` and ``rule`` are not part of a cell).
     """
-    import json
-
     notebook = Path(notebook)
-    nb = json.loads(notebook.read_text(encoding="utf-8"))
-    cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
-    if len(cells) != 1:
-        raise ParameterError(f"{notebook}: expected exactly one cell tagged 'parameters', found {len(cells)}.")
-    source = "".join(cells[0]["source"])
+    source = _parameters_cell(_read_notebook(notebook), notebook).source
     helps = {m["name"]: (m["help"] or "").strip() for line in source.splitlines()
              if (m := _PARAMETER_LINE.match(line))}
     found: dict[str, Parameter] = {}
@@ -534,7 +542,8 @@ def drift() -> list[str]:
     """Where the notebooks' parameters cells or README's table differ from :data:`SCHEMA`."""
     problems = []
     for step, (stem, _) in STEPS.items():
-        if _cell_source(stem) != parameters_cell(step):
+        path = _notebook(stem)
+        if _parameters_cell(_read_notebook(path), path).source != parameters_cell(step):
             problems.append(f"notebooks/{stem}.ipynb: the parameters cell differs from the schema")
     readme = _README.read_text(encoding="utf-8")
     if f"{_TABLE_START}\n{readme_table()}\n{_TABLE_END}" not in readme:
@@ -546,21 +555,15 @@ def _notebook(stem: str) -> Path:
     return REPO_ROOT / "notebooks" / f"{stem}.ipynb"
 
 
-def _cell_source(stem: str) -> str:
-    import nbformat
-
-    nb = nbformat.read(str(_notebook(stem)), as_version=4)
-    return next(c.source for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-
-
 def write_derived() -> None:
     """Rewrite the notebooks' parameters cells and README's table from :data:`SCHEMA`."""
     import nbformat
 
     for step, (stem, _) in STEPS.items():
-        nb = nbformat.read(str(_notebook(stem)), as_version=4)
-        next(c for c in nb.cells if "parameters" in c.metadata.get("tags", [])).source = parameters_cell(step)
-        nbformat.write(nb, str(_notebook(stem)))
+        path = _notebook(stem)
+        nb = _read_notebook(path)
+        _parameters_cell(nb, path).source = parameters_cell(step)
+        nbformat.write(nb, str(path))
     readme = _README.read_text(encoding="utf-8")
     start, end = readme.index(_TABLE_START), readme.index(_TABLE_END) + len(_TABLE_END)
     _README.write_text(readme[:start] + f"{_TABLE_START}\n{readme_table()}\n{_TABLE_END}" + readme[end:],

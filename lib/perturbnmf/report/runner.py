@@ -370,8 +370,8 @@ def _prepare(run: Run) -> None:
               f"the code now is {provenance.git_commit()}.")
 
 
-def _execute(run: Run, paths: RunPaths) -> tuple[StepFailure | None, str | None]:
-    """Run the planned steps in the staging folder; return the failure and the step it stopped in."""
+def _execute(run: Run, paths: RunPaths) -> StepFailure | None:
+    """Run the planned steps in the staging folder; return the failure that stopped them, if any."""
     steps = run.record["steps"]
     for number, step in enumerate(run.plan.steps, 1):
         print(f"[{number}/{len(run.plan.steps)}] {STEPS[step][0]} ...", end=" ", flush=True)
@@ -386,11 +386,11 @@ def _execute(run: Run, paths: RunPaths) -> tuple[StepFailure | None, str | None]
         steps[step] = {"status": "failed" if failure else "ok", "seconds": round(seconds, 2)}
         if failure:
             print(f"FAILED after {seconds:.1f} s")
-            return failure, step
+            return failure
         steps[step]["outputs"] = {name: provenance.sha256(paths.data / name)
                                   for name, state in data_state(paths.data).items() if before.get(name) != state}
         print(f"done in {seconds:.1f} s")
-    return None, None
+    return None
 
 
 def _reuse(run: Run, steps: list[str], paths: RunPaths) -> None:
@@ -420,7 +420,7 @@ def _run_steps(run: Run) -> tuple[RunPaths | None, StepFailure | None]:
         os.environ[RUN_DIR_ENV], os.environ[STAGING_DIR_ENV] = str(run.folder.root), str(run.folder.staging)
         if run.plan.reused:
             _reuse(run, run.plan.reused, paths)
-        failure, _ = _execute(run, paths)
+        failure = _execute(run, paths)
         if run.plan.later and not failure:
             _reuse_later(run, paths)
         return paths, failure
