@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as _sps
 
-from ._common import _as_labels, _as_usage
+from ._common import _as_labels, _as_usage, _group_sums
 from ._multitest import benjamini_hochberg
 
 __all__ = ["program_anova"]
@@ -19,13 +19,10 @@ __all__ = ["program_anova"]
 ANOVA_COLUMNS = ["program", "F", "pvalue", "qvalue", "df_group", "df_resid", "eta_squared"]
 
 
-def _level_sums(codes: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Codes renumbered ``0 .. levels - 1``, and per level the number of rows and the column sums of ``Y``."""
+def _renumbered(codes: np.ndarray) -> tuple[np.ndarray, int]:
+    """Codes as ``0 .. levels - 1`` (a caller's codes may skip values) and the number of levels."""
     codes = np.unique(codes, return_inverse=True)[1]
-    counts = np.bincount(codes).astype(float)
-    sums = np.zeros((counts.size, Y.shape[1]))
-    np.add.at(sums, codes, Y)
-    return codes, counts, sums
+    return codes, int(codes.max()) + 1 if codes.size else 0
 
 
 def _fitted(Yc: np.ndarray, g_codes: np.ndarray, b_codes=None) -> tuple[np.ndarray, int]:
@@ -37,16 +34,18 @@ def _fitted(Yc: np.ndarray, g_codes: np.ndarray, b_codes=None) -> tuple[np.ndarr
     and only the batches' Schur complement (batches × batches) is solved. Memory and time follow
     cells × programs, not cells × groups (a genome-wide screen has 10,000 groups).
     """
-    g_codes, n_g, s_g = _level_sums(g_codes, Yc)
+    g_codes, n_groups = _renumbered(g_codes)
+    n_g, s_g = _group_sums(g_codes, n_groups, Yc)
     if b_codes is None:
-        return (s_g / n_g[:, None])[g_codes], n_g.size
-    b_codes, n_b, s_b = _level_sums(b_codes, Yc)
-    crossed = np.zeros((n_g.size, n_b.size))
-    np.add.at(crossed, (g_codes, b_codes), 1.0)
+        return (s_g / n_g[:, None])[g_codes], n_groups
+    b_codes, n_batches = _renumbered(b_codes)
+    n_b, s_b = _group_sums(b_codes, n_batches, Yc)
+    crossed = np.bincount(g_codes * n_batches + b_codes, minlength=n_groups * n_batches)
+    crossed = crossed.reshape(n_groups, n_batches)  # cells per (group, batch)
     schur = np.diag(n_b) - crossed.T @ (crossed / n_g[:, None])
     beta_b, _, rank_b, _ = np.linalg.lstsq(schur, s_b - crossed.T @ (s_g / n_g[:, None]), rcond=None)
     beta_g = (s_g - crossed @ beta_b) / n_g[:, None]
-    return beta_g[g_codes] + beta_b[b_codes], n_g.size + int(rank_b)
+    return beta_g[g_codes] + beta_b[b_codes], n_groups + int(rank_b)
 
 
 def _anova_core(Y: np.ndarray, g_codes: np.ndarray, b_codes=None):
