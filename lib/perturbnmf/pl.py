@@ -234,10 +234,11 @@ def objective_trace(objective: np.ndarray, k: int):
 
 def _groups_differing_most(usage: pd.DataFrame, groups: pd.Series, control_label: str, n: int) -> list[str]:
     """The ``n`` perturbation groups whose mean usage (each program in units of its SD) lies farthest
-    from the control's, farthest first."""
+    from the control's (from all cells' without a control group), farthest first."""
     scaled = usage / usage.std(ddof=0).replace(0, 1.0)
-    means = scaled.groupby(groups.to_numpy()).mean()
-    distance = ((means - means.loc[control_label]) ** 2).sum(axis=1).drop(control_label)
+    means = scaled.groupby(np.asarray(groups)).mean()
+    reference = means.loc[control_label] if control_label in means.index else scaled.mean()
+    distance = ((means - reference) ** 2).sum(axis=1).drop(control_label, errors="ignore")
     return distance.sort_values(ascending=False, kind="stable").index[:n].tolist()
 
 
@@ -336,9 +337,8 @@ def _boxplot_groups(frame: pd.DataFrame, program: str, control_label: str, max_g
     differs most from the control's."""
     by_group = frame.groupby("_group")[program]
     if by_group.ngroups > max_groups:
-        shift = (by_group.mean() - by_group.mean().get(control_label, np.nan)).abs().drop(control_label, errors="ignore")
-        kept = shift.sort_values(ascending=False, kind="stable").index[: max_groups - 1].tolist() + [control_label]
-        by_group = frame[frame["_group"].isin(kept)].groupby("_group")[program]
+        kept = _groups_differing_most(frame[[program]], frame["_group"], control_label, max_groups - 1)
+        by_group = frame[frame["_group"].isin(kept + [control_label])].groupby("_group")[program]
     return by_group.median().sort_values(ascending=False).index.tolist()
 
 
