@@ -119,6 +119,14 @@ def _output_dir(v):
     return None
 
 
+def _cluster(v):
+    """None, "local", or a Dask scheduler address."""
+    if v == "local" or "://" in v and v.split("://", 1)[1].strip():
+        return None
+    return ('must be "local" (a Dask cluster on this machine) or a scheduler address such as "tcp://host:8786"; '
+            "leave it out (None) to run in this process")
+
+
 # --- the schema --------------------------------------------------------------------------------
 
 ALL_STEPS = tuple(STEPS)
@@ -155,6 +163,9 @@ SCHEMA: tuple[Parameter, ...] = (
     P("run_name", "str", "demo", "name of the run; outputs go to reports/<run_name>/", ALL_STEPS, _run_name, affects=()),
     P("output_dir", "str | None", None, "write outputs here instead of reports/<run_name>/ (set by run_all.py)",
       ALL_STEPS, _output_dir, affects=()),
+    P("cluster", "str | None", None, 'where the work runs: None (this process), "local" (a Dask LocalCluster on this '
+      'machine, sized to its cores and memory, spilling to disk) or the address of a running Dask scheduler '
+      '("tcp://host:8786")', ALL_STEPS, _cluster, affects=()),
     P("input", "str", "reports/demo_inputs/simulated_screen.h5ad", ".h5ad with raw UMI counts in X (cells x genes)",
       (_PRE,), _non_empty, input_file=True),
     P("simulate", "bool", False, "first write a simulated screen with known truth to `input` (the demo)", (_PRE,)),
