@@ -15,17 +15,20 @@ all ``n_restarts · k`` of them are clustered into k groups (k-means), and
   rises again once extra programs only fit noise.
 
 Restarts run in parallel processes (joblib/loky), each limited to its share of the cores for
-BLAS and the compiled kernels, so nothing is oversubscribed. Every restart's seed comes from
+BLAS and the compiled kernels, so nothing is oversubscribed — or, when a ``dask.distributed``
+client is active, as tasks on its cluster (see :mod:`._parallel`). Every restart's seed comes from
 ``numpy.random.SeedSequence(random_state)``, and the kernels' results do not depend on the
 thread count, so parallel and serial sweeps give identical numbers (for sparse X).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -36,6 +39,7 @@ from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import silhouette_samples
 
+from ._parallel import executor, resolve
 from ._seminmf import NMF, SemiNMF, _nnls_rows_cd, _objective, _residual_blocks, _safe_X_Ht, _squared_norm
 
 __all__ = ["MODELS", "ConsensusSweep", "consensus_sweep", "holdout_error", "refit_usage", "relative_error",
@@ -43,6 +47,8 @@ __all__ = ["MODELS", "ConsensusSweep", "consensus_sweep", "holdout_error", "refi
 
 #: model name -> estimator: "nmf" (identifiable, the default) or "seminmf" (signed loadings).
 MODELS = {"nmf": NMF, "seminmf": SemiNMF}
+#: Progress (each restart, each k's consensus) goes to this logger at level INFO.
+LOG = logging.getLogger("perturbnmf")
 #: Below this silhouette the report warns that restarts disagree.
 LOW_STABILITY = 0.5
 
@@ -223,6 +229,7 @@ def _fit_restart(X, Z, k, seed, model, solver, init, max_iter, tol, alpha_W, l1_
     import numba
     from threadpoolctl import threadpool_limits
 
+    X, Z = resolve(X), resolve(Z)
     numba.set_num_threads(threads)
     start = time.perf_counter()
     with threadpool_limits(threads):
@@ -247,6 +254,7 @@ def _consensus_for_k(X_train, X_holdout, Z_train, Z_holdout, gene_halves, fits, 
     import numba
     from threadpoolctl import threadpool_limits
 
+    X_train, X_holdout, Z_train, Z_holdout = (resolve(a) for a in (X_train, X_holdout, Z_train, Z_holdout))
     numba.set_num_threads(threads)
     with threadpool_limits(threads):
         H_all = np.vstack([res["H"] for res in fits])
@@ -468,12 +476,33 @@ def suggest_k(table: pd.DataFrame) -> tuple[int, str]:
     return k, rule
 
 
-def _progress(iterable, total, enabled):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
+def _progress(restarts, tasks, enabled):
+    """Pass the restarts' results on, logging each one (logger ``perturbnmf``, INFO) and, when
+    ``enabled``, drawing a progress bar on stderr."""
+    bar = None
+    if enabled:
+        from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc="semi-NMF restarts", unit="fit")
+        bar = tqdm(total=len(tasks), desc="restarts", unit="fit")
+    n_per_k = Counter(k for k, _ in tasks)
+    done = Counter()
+    for result in restarts:
+        done[result["k"]] += 1
+        LOG.info("k = %d: restart %d of %d, %d iterations, %.1f s", result["k"], done[result["k"]],
+                 n_per_k[result["k"]], result["n_iter"], result["seconds"])
+        if bar is not None:
+            bar.update()
+        yield result
+    if bar is not None:
+        bar.close()
+
+
+def _logged(consensus: tuple) -> tuple:
+    """Log one k's consensus (see :func:`_consensus_for_k`) and pass it on."""
+    row = consensus[0]
+    LOG.info("k = %d: consensus of %d restarts, stability %.2f, held-out relative error %.4f", row["k"],
+             row["n_restarts"], row["stability"], row["holdout_relative_error"])
+    return consensus
 
 
 def consensus_sweep(
@@ -531,7 +560,8 @@ def consensus_sweep(
     n_jobs : int or None
         Parallel worker processes (None: all cores, at most one per restart).
     progress : bool or None
-        A progress bar on stderr (None: only when stderr is a terminal).
+        A progress bar on stderr (None: only when stderr is a terminal). Each finished restart is
+        also logged (logger ``"perturbnmf"``, level INFO).
 
     Returns
     -------
@@ -549,25 +579,28 @@ def consensus_sweep(
     split = _split_cells(X, covariates, MODELS[model](n_components=max(k_values), solver=solver), holdout_fraction,
                          random_state)
     tasks = _restart_tasks(k_values, n_restarts, random_state)
-    n_jobs, threads = _worker_layout(n_jobs, len(tasks))
     if progress is None:
         progress = sys.stderr.isatty()
     start = time.perf_counter()
-    run = _runner(n_jobs)
-    restarts = list(_progress(
-        run((_fit_restart, (split.X_train, split.Z_train, k, seed, model, solver, init, max_iter, tol, alpha_W,
-                            l1_ratio, threads))
-            for k, seed in tasks),
-        len(tasks), progress,
-    ))
-    fit_seconds = time.perf_counter() - start
-    per_k = list(run(
-        (_consensus_for_k, (split.X_train, split.X_holdout, split.Z_train, split.Z_holdout, split.gene_halves,
-                            [res for res in restarts if res["k"] == k], k,
-                            n_restarts, model, solver, max_iter, tol, alpha_W, l1_ratio, density_threshold,
-                            random_state, threads))
-        for k in k_values
-    ))
+    n_jobs, threads = _worker_layout(n_jobs, len(tasks))
+    with executor(n_jobs) as pool:
+        if pool.kind == "dask":  # the cluster's workers, one thread per task
+            n_jobs, threads = pool.n_jobs, 1
+        X_train, X_holdout, Z_train, Z_holdout = (pool.share(a) for a in split[:4])
+        restarts = list(_progress(
+            pool.run((_fit_restart, (X_train, Z_train, k, seed, model, solver, init, max_iter, tol, alpha_W,
+                                     l1_ratio, threads))
+                     for k, seed in tasks),
+            tasks, progress,
+        ))
+        fit_seconds = time.perf_counter() - start
+        per_k = [_logged(result) for result in pool.run(
+            (_consensus_for_k, (X_train, X_holdout, Z_train, Z_holdout, split.gene_halves,
+                                [res for res in restarts if res["k"] == k], k,
+                                n_restarts, model, solver, max_iter, tol, alpha_W, l1_ratio, density_threshold,
+                                random_state, threads))
+            for k in k_values
+        )]
     result = _sweep_result(k_values, per_k, split.holdout)
     result.table.attrs.update(wall_seconds=time.perf_counter() - start, fit_wall_seconds=fit_seconds,
                               n_jobs=n_jobs, threads_per_job=threads)
@@ -640,24 +673,6 @@ def _worker_layout(n_jobs: int | None, n_tasks: int) -> tuple[int, int]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     n_jobs = min(cores if n_jobs is None else max(1, n_jobs), n_tasks)
     return n_jobs, max(1, cores // n_jobs)
-
-
-def _runner(n_jobs: int):
-    """``run(calls)``: the results of ``function(*args)`` for the ``(function, args)`` calls, lazily and in order.
-
-    With more than one job the calls run in that many loky worker processes.
-    """
-    if n_jobs == 1:
-        def run(calls):
-            return (function(*args) for function, args in calls)
-    else:
-        from joblib import Parallel, delayed
-
-        parallel = Parallel(n_jobs=n_jobs, backend="loky", return_as="generator")
-
-        def run(calls):
-            return parallel(delayed(function)(*args) for function, args in calls)
-    return run
 
 
 def _sweep_result(k_values: list[int], per_k: list[tuple], holdout: np.ndarray) -> ConsensusSweep:

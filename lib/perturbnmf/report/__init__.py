@@ -7,6 +7,8 @@ Built on the compute layers (``pp``, ``tl``, ``pl``, ``decomposition``), never i
 - :mod:`~perturbnmf.report.params`: the parameter schema (one declaration per parameter) and
   its checks;
 - :mod:`~perturbnmf.report.inputs`: the input files a run names (screen, gene-set libraries);
+- :mod:`~perturbnmf.report.engine`: where a run computes (parameter ``cluster``: this process or Dask)
+  and the progress the steps show on run_all.py's console;
 - :mod:`~perturbnmf.report.artifacts`: every file a step writes into ``data/``;
 - :mod:`~perturbnmf.report.sections`: what each step's report shows (one module per step);
 - :mod:`~perturbnmf.report.html`, :mod:`~perturbnmf.report.index`,
@@ -15,9 +17,9 @@ Built on the compute layers (``pp``, ``tl``, ``pl``, ``decomposition``), never i
   (imported by ``run_all.py`` only).
 """
 
-from . import artifacts, html, index, inputs, params, provenance, runfolder, sections
+from . import artifacts, engine, html, index, inputs, params, provenance, runfolder, sections
 from .params import check_step
 from .runfolder import STEPS, RunPaths, resolve, run_paths
 
-__all__ = ["artifacts", "html", "index", "inputs", "params", "provenance", "runfolder", "sections", "check_step",
+__all__ = ["artifacts", "engine", "html", "index", "inputs", "params", "provenance", "runfolder", "sections", "check_step",
            "STEPS", "RunPaths", "resolve", "run_paths"]

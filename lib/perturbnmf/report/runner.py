@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ParameterError, refusal_names
-from . import artifacts, inputs, provenance
+from . import artifacts, engine, inputs, provenance
 from .index import write_index
 from .params import PARAMETERS, declared, load_yaml, validate
 from .runfolder import (REPO_ROOT, RUN_DIR_ENV, STAGING_DIR_ENV, STEPS, RunError, RunFolder, RunPaths, final_root,
@@ -98,7 +98,9 @@ class Run:
 # --- before any kernel: parameters and input files --------------------------------------------
 
 def preflight(values: dict[str, Any]) -> None:
-    """Cheap checks of the input files before any notebook starts."""
+    """Cheap checks of the input files, and of the cluster's address, before any notebook starts."""
+    if values["cluster"] not in (None, "local"):
+        engine.check_reachable(values["cluster"])
     if values["simulate"]:
         return
     files = [("input", values["input"])]
@@ -202,11 +204,12 @@ def run_step(step: str, values: dict[str, Any], paths: RunPaths, final: Path) ->
     ipc_dir = Path(tempfile.mkdtemp(prefix="perturbnmf-kernel-"))  # mode 0700: nobody else can connect
     failure = None
     try:
-        pm.execute_notebook(
-            str(NOTEBOOKS / executed.name), str(executed), parameters=parameters, kernel_name="python3",
-            language="python", cwd=str(REPO_ROOT), progress_bar=False, log_output=False,
-            kernel_manager_class=_ipc_kernel_manager(ipc_dir, paths.root / ".kernel-pids"),
-        )
+        with engine.echo_progress(ipc_dir / "progress.log"):
+            pm.execute_notebook(
+                str(NOTEBOOKS / executed.name), str(executed), parameters=parameters, kernel_name="python3",
+                language="python", cwd=str(REPO_ROOT), progress_bar=False, log_output=False,
+                kernel_manager_class=_ipc_kernel_manager(ipc_dir, paths.root / ".kernel-pids"),
+            )
         _name_final_folder(executed, final)
     except Exception as err:  # a failing cell, a dead kernel (out of memory?), a kernel that would not start
         failure = _step_failure(step, err)
@@ -420,7 +423,8 @@ def _run_steps(run: Run) -> tuple[RunPaths | None, StepFailure | None]:
         os.environ[RUN_DIR_ENV], os.environ[STAGING_DIR_ENV] = str(run.folder.root), str(run.folder.staging)
         if run.plan.reused:
             _reuse(run, run.plan.reused, paths)
-        failure = _execute(run, paths)
+        with engine.cluster_for_run(run.values["cluster"]):  # one cluster for all the steps that run
+            failure = _execute(run, paths)
         if run.plan.later and not failure:
             _reuse_later(run, paths)
         return paths, failure
