@@ -43,6 +43,13 @@ Layout of the returned object
     ``guide_efficacy`` (DataFrame indexed by targeting guide: perturbation, efficacy).
     ``params`` holds ``n_down_genes`` / ``guide_efficacy`` only when they are switched on.
 
+Screens larger than memory
+--------------------------
+:func:`write_simulated_screen` writes the same model to an ``.h5ad`` file chunk by chunk (the
+counts drawn per block of 1,024 cells from their own streams), for benchmarks at millions of cells.
+There only some targets need be measured genes (``n_measured_targets``), so a screen may have
+more targets than genes.
+
 Options for identifiability benchmarks
 --------------------------------------
 ``n_down_genes`` and ``guide_efficacy`` are off by default, and with them off the result is
@@ -58,11 +65,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import pathlib
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import anndata
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -75,6 +85,7 @@ __all__ = [
     "DEMO_DESIGN",
     "PROGRAM_NAMES",
     "simulate_screen",
+    "write_simulated_screen",
     "planted_gene_sets",
     "write_gmt",
     "write_cell_cycle_genes",
@@ -184,15 +195,21 @@ def _check_screen_size(
     n_targets: int,
     n_down_genes: int,
     control_fraction: float,
+    n_measured_targets: int | None = None,
 ) -> int:
-    """Number of control cells; ``ValueError`` if the genes or cells are too few for the design."""
+    """Number of control cells; ``ValueError`` if the genes or cells are too few for the design.
+
+    ``n_measured_targets`` (default: all ``n_targets``) is how many targets are measured genes.
+    """
+    n_measured = n_targets if n_measured_targets is None else n_measured_targets
     # 2 * n_down_genes guarantees every program >= n_down_genes plain non-member genes
-    min_genes = _N_MITO + n_targets + 15 * n_programs + 20 + 2 * n_down_genes
+    min_genes = _N_MITO + n_measured + 15 * n_programs + 20 + 2 * n_down_genes
     if n_genes < min_genes:
         down = f", n_down_genes={n_down_genes}" if n_down_genes else ""
+        measured = f", n_measured_targets={n_measured}" if n_measured != n_targets else ""
         raise ValueError(
             f"n_genes must be >= {min_genes} for n_programs={n_programs} and "
-            f"n_targets={n_targets}{down}, got {n_genes}"
+            f"n_targets={n_targets}{measured}{down}, got {n_genes}"
         )
     n_control = int(round(control_fraction * n_cells))
     if n_control < 10:
@@ -228,16 +245,29 @@ def _program_names(n_programs: int) -> list[str]:
     return names
 
 
+def _cells_per_value(values: np.ndarray, n_values: int) -> list[np.ndarray]:
+    """Per value ``v`` in ``0 .. n_values - 1``: the cells (ascending) whose value is ``v``.
+
+    The same arrays as ``np.flatnonzero(values == v)`` for every ``v``, from one stable sort
+    instead of one scan of all cells per value (thousands of targets x millions of cells).
+    """
+    order = np.argsort(values, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(values, minlength=n_values))])
+    return [order[bounds[v]:bounds[v + 1]] for v in range(n_values)]
+
+
 def _stratified_uniform(rng: np.random.Generator, strata: np.ndarray, n_cols: int) -> np.ndarray:
     """Uniform(0, 1) draws, stratified within each stratum.
 
     Returns an (n_cells, n_cols) array; within every stratum of ``m`` cells each column holds
-    one value from each interval ``[i/m, (i+1)/m)`` in random order.
+    one value from each interval ``[i/m, (i+1)/m)`` in random order. Strata are non-negative
+    integers, visited in increasing order.
     """
     out = np.empty((strata.size, n_cols))
-    for s in np.unique(strata):
-        cells = np.flatnonzero(strata == s)
+    for cells in _cells_per_value(strata, int(strata.max()) + 1 if strata.size else 0):
         m = cells.size
+        if not m:
+            continue
         ranks = rng.permuted(np.tile(np.arange(m), (n_cols, 1)), axis=1).T
         out[cells] = (ranks + rng.random((m, n_cols))) / m
     return out
@@ -354,6 +384,52 @@ def simulate_screen(
     * Library sizes are lognormal (median ~4,000 UMIs); mitochondrial genes take ~5 % of
       the counts, with 3 % damaged cells (5x mito share, 0.4x library).
     """
+    setup = _check_setup(
+        n_cells, n_genes, n_programs, n_targets, n_batches, n_guides_per_target, n_control_guides,
+        control_fraction, seed, n_down_genes, guide_efficacy, expression,
+    )
+    rng = np.random.default_rng(setup.seed)
+    truth = _draw_truth(rng, setup)
+    counts = _draw_counts(rng, truth.genes, truth.design, truth.usage, truth.weights, setup.expression)
+    return _screen_anndata(counts, truth)
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """The checked arguments of a simulated screen (see :func:`simulate_screen`)."""
+
+    n_cells: int
+    n_genes: int
+    n_programs: int
+    n_targets: int
+    n_batches: int
+    n_guides_per_target: int
+    n_control_guides: int
+    control_fraction: float
+    seed: int
+    n_down_genes: int
+    guide_efficacy: tuple[float, float] | None
+    expression: str
+    n_measured_targets: int  # targets that are measured genes (all of them in simulate_screen)
+    n_control: int  # control cells
+
+    @property
+    def params(self) -> dict:
+        """``uns["simulation"]["params"]``: the arguments, options only when switched on."""
+        return {
+            "n_cells": self.n_cells, "n_genes": self.n_genes, "n_programs": self.n_programs,
+            "n_targets": self.n_targets, "n_batches": self.n_batches,
+            "n_guides_per_target": self.n_guides_per_target, "n_control_guides": self.n_control_guides,
+            "control_fraction": self.control_fraction, "seed": self.seed,
+            **_switched_on_options(self.n_down_genes, self.guide_efficacy, self.expression),
+        }
+
+
+def _check_setup(
+    n_cells, n_genes, n_programs, n_targets, n_batches, n_guides_per_target, n_control_guides,
+    control_fraction, seed, n_down_genes, guide_efficacy, expression, n_measured_targets=None,
+) -> _Setup:
+    """Check :func:`simulate_screen`'s arguments (``ValueError`` naming the argument)."""
     n_cells = check_int("n_cells", n_cells, 1)
     n_genes = check_int("n_genes", n_genes, 1)
     n_programs = check_int("n_programs", n_programs, 3)
@@ -367,38 +443,68 @@ def simulate_screen(
         raise ValueError(f"expression must be one of {_EXPRESSION_MODELS}, got {expression!r}")
     guide_efficacy = _check_efficacy(guide_efficacy)
     control_fraction = _check_control_fraction(control_fraction)
+    if n_measured_targets is None:
+        n_measured_targets = n_targets
+    n_measured_targets = check_int("n_measured_targets", n_measured_targets, 0)
+    if n_measured_targets > n_targets:
+        raise ValueError(f"n_measured_targets must be <= n_targets={n_targets}, got {n_measured_targets}")
     n_control = _check_screen_size(
-        n_cells, n_genes, n_programs, n_targets, n_down_genes, control_fraction
+        n_cells, n_genes, n_programs, n_targets, n_down_genes, control_fraction, n_measured_targets
     )
-    params = {
-        "n_cells": n_cells, "n_genes": n_genes, "n_programs": n_programs, "n_targets": n_targets,
-        "n_batches": n_batches, "n_guides_per_target": n_guides_per_target,
-        "n_control_guides": n_control_guides, "control_fraction": control_fraction, "seed": seed,
-        **_switched_on_options(n_down_genes, guide_efficacy, expression),
-    }
+    return _Setup(
+        n_cells, n_genes, n_programs, n_targets, n_batches, n_guides_per_target, n_control_guides,
+        control_fraction, seed, n_down_genes, guide_efficacy, expression, n_measured_targets, n_control,
+    )
 
-    rng = np.random.default_rng(seed)
-    genes = _draw_genes(rng, n_genes, n_targets)
-    program_names = _program_names(n_programs)
-    weights = _draw_weights(rng, n_genes, genes.plain_idx, n_programs, n_down_genes, seed)
+
+@dataclass(frozen=True)
+class _Truth:
+    """Everything of a simulated screen but its counts: genes, programs, design, usage, effects."""
+
+    setup: _Setup
+    genes: _Genes
+    program_names: list[str]
+    weights: np.ndarray  # genes x programs
+    design: _Design
+    usage: np.ndarray  # cells x programs, after the effects
+    effects: list[tuple[str, str, float, str]]
+    null_targets: list[str]
+    efficacy: np.ndarray | None  # targets x guides
+
+    def uns(self) -> dict:
+        """``uns["simulation"]`` (see the module docstring)."""
+        setup = self.setup
+        truth = {
+            "program_names": self.program_names,
+            "effects": pd.DataFrame(self.effects, columns=["perturbation", "program", "fold_change", "direction"]),
+            "null_targets": self.null_targets, "targets": self.genes.targets, "params": setup.params,
+            "seed": setup.seed,
+        }
+        if self.efficacy is not None:
+            targeting_guides = self.design.guide_names[setup.n_control_guides:]
+            truth["guide_efficacy"] = _efficacy_table(self.efficacy, self.genes.targets, targeting_guides)
+        return truth
+
+
+def _draw_truth(rng: np.random.Generator, setup: _Setup) -> _Truth:
+    """Genes, planted programs, design, usage and effects, drawn from ``rng`` in a fixed order.
+
+    Memory: O(n_cells x n_programs) (the usage) plus O(n_genes x n_programs); no cells x genes array.
+    """
+    genes = _draw_genes(rng, setup.n_genes, setup.n_targets, setup.n_measured_targets)
+    program_names = _program_names(setup.n_programs)
+    weights = _draw_weights(
+        rng, setup.n_genes, genes.plain_idx, setup.n_programs, setup.n_down_genes, setup.seed
+    )
     design = _draw_design(
-        rng, n_cells, n_control, genes.targets, n_batches, n_guides_per_target, n_control_guides
+        rng, setup.n_cells, setup.n_control, genes.targets, setup.n_batches, setup.n_guides_per_target,
+        setup.n_control_guides,
     )
-    usage = _draw_usage(rng, design, program_names, expression)
+    usage = _draw_usage(rng, design, program_names, setup.expression)
     effects, null_targets = _draw_effects(rng, genes.targets, program_names)
-    efficacy = _draw_guide_efficacy(seed, guide_efficacy, n_targets, n_guides_per_target)
+    efficacy = _draw_guide_efficacy(setup.seed, setup.guide_efficacy, setup.n_targets, setup.n_guides_per_target)
     _apply_effects(usage, effects, design, genes.targets, program_names, efficacy)
-    counts = _draw_counts(rng, genes, design, usage, weights, expression)
-
-    truth = {
-        "program_names": program_names,
-        "effects": pd.DataFrame(effects, columns=["perturbation", "program", "fold_change", "direction"]),
-        "null_targets": null_targets, "targets": genes.targets, "params": params, "seed": seed,
-    }
-    if efficacy is not None:
-        targeting_guides = design.guide_names[n_control_guides:]
-        truth["guide_efficacy"] = _efficacy_table(efficacy, genes.targets, targeting_guides)
-    return _screen_anndata(counts, genes, design, weights, usage, truth)
+    return _Truth(setup, genes, program_names, weights, design, usage, effects, null_targets, efficacy)
 
 
 def _switched_on_options(n_down_genes: int, guide_efficacy, expression: str) -> dict:
@@ -424,27 +530,31 @@ class _Genes:
     names: list[str]
     targets: list[str]
     plain_idx: np.ndarray
-    target_idx: np.ndarray
+    target_idx: np.ndarray  # column of each measured target (the first target_idx.size targets)
     mito_idx: np.ndarray
     baseline: np.ndarray  # share of the expression profile, sums to 1
     dispersion: np.ndarray  # NB dispersion phi: var = mu + phi mu^2
 
 
-def _draw_genes(rng: np.random.Generator, n_genes: int, n_targets: int) -> _Genes:
+def _draw_genes(
+    rng: np.random.Generator, n_genes: int, n_targets: int, n_measured: int | None = None
+) -> _Genes:
+    """Gene names and profiles; the first ``n_measured`` targets (default: all) are measured genes."""
+    n_measured = n_targets if n_measured is None else n_measured
     width_t = max(2, len(str(n_targets)))
     targets = [f"TGT{i + 1:0{width_t}d}" for i in range(n_targets)]
-    n_plain = n_genes - _N_MITO - n_targets
+    n_plain = n_genes - _N_MITO - n_measured
     width_g = max(4, len(str(n_plain)))
     plain = [f"GENE{i + 1:0{width_g}d}" for i in range(n_plain)]
     mito = list(_MITO_GENES[:_N_MITO])
-    target_idx = np.arange(n_plain, n_plain + n_targets)
-    mito_idx = np.arange(n_plain + n_targets, n_genes)
+    target_idx = np.arange(n_plain, n_plain + n_measured)
+    mito_idx = np.arange(n_plain + n_measured, n_genes)
 
     # baseline expression: lognormal spread over ~2 orders of magnitude (non-mito genes
     # share 92 % of the baseline profile); mitochondrial genes are highly expressed.
     log_base = rng.normal(0.0, 1.3, size=n_genes)
     # targets: moderately-to-highly expressed so that the knockdown is visible
-    log_base[target_idx] = rng.uniform(1.0, 2.5, size=n_targets)
+    log_base[target_idx] = rng.uniform(1.0, 2.5, size=n_measured)
     base = np.exp(log_base)
     base[mito_idx] = 0.0
     base /= base.sum()
@@ -453,7 +563,7 @@ def _draw_genes(rng: np.random.Generator, n_genes: int, n_targets: int) -> _Gene
     base[mito_idx] = 0.08 * mito_share / mito_share.sum()
     dispersion = np.exp(rng.normal(np.log(0.1), 0.5, size=n_genes))
     return _Genes(
-        names=plain + targets + mito,
+        names=plain + targets[:n_measured] + mito,
         targets=targets,
         plain_idx=np.arange(n_plain),
         target_idx=target_idx,
@@ -593,8 +703,7 @@ def _draw_design(
 def _draw_phases(rng: np.random.Generator, group: np.ndarray, n_groups: int) -> np.ndarray:
     """Planted cell-cycle phase per cell (0 = G1, 1 = S, 2 = G2M), stratified within each group."""
     phase = np.zeros(group.size, dtype=np.int8)
-    for g in range(n_groups):
-        cells = np.flatnonzero(group == g)
+    for cells in _cells_per_value(group, n_groups):
         n_s = int(round(_PHASE_FRACTIONS["S"] * cells.size))
         n_g2m = int(round(_PHASE_FRACTIONS["G2M"] * cells.size))
         labels = np.zeros(cells.size, dtype=np.int8)
@@ -724,14 +833,68 @@ def _apply_effects(
     With ``efficacy`` (targets x guides) a cell's factor is ``fold_change ** efficacy`` of its
     guide.
     """
+    target_of = {t: i for i, t in enumerate(targets)}
+    program_of = {name: i for i, name in enumerate(program_names)}
+    cells_of = _cells_per_value(design.group, len(targets) + 1)
     for pert, prog, fc, _ in effects:
-        t = targets.index(pert)
-        p = program_names.index(prog)
+        t = target_of[pert]
+        p = program_of[prog]
+        cells = cells_of[t + 1]
         if efficacy is None:
-            usage[design.group == t + 1, p] *= fc
+            usage[cells, p] *= fc
         else:
-            cells = np.flatnonzero(design.group == t + 1)
             usage[cells, p] *= fc ** efficacy[t, design.guide_within[cells]]
+
+
+@dataclass(frozen=True)
+class _ScreenDraws:
+    """Screen-wide draws of the expression model (shared by all cells)."""
+
+    batch_log: np.ndarray  # batches x genes: gene-wise batch effects (log scale, 0 for mito genes)
+    remaining: np.ndarray  # targets x guides: share of the target's mRNA a guide leaves (0.1-0.4)
+    batch_lib: np.ndarray  # per batch: library-size factor
+
+
+@dataclass(frozen=True)
+class _CellRows:
+    """Some cells' rows of the design with their own draws (mito factor, library size)."""
+
+    group: np.ndarray  # 0 = control, t + 1 = target t
+    guide_within: np.ndarray
+    batch: np.ndarray
+    mito_log: np.ndarray  # log factor of the mitochondrial genes
+    library: np.ndarray  # expected UMIs
+
+
+def _draw_batch_log(rng: np.random.Generator, n_batches: int, genes: _Genes) -> np.ndarray:
+    """Gene-wise batch effects, batches x genes (log-sd 0.15; none on mitochondrial genes)."""
+    batch_log = rng.normal(0.0, 0.15, size=(n_batches, genes.baseline.size))
+    batch_log[:, genes.mito_idx] = 0.0
+    return batch_log
+
+
+def _draw_damage(rng: np.random.Generator, n_cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """Damaged cells (3 %) and each cell's log mitochondrial factor: lognormal, x5 when damaged."""
+    damaged = rng.random(n_cells) < 0.03
+    mito_log = rng.normal(0.0, 0.35, size=n_cells) + np.where(damaged, np.log(5.0), 0.0)
+    return damaged, mito_log
+
+
+def _draw_remaining(rng: np.random.Generator, n_targets: int, n_guides: int) -> np.ndarray:
+    """Share of the target's mRNA each guide leaves, targets x guides."""
+    return rng.uniform(0.1, 0.4, size=(n_targets, n_guides))
+
+
+def _draw_batch_library(rng: np.random.Generator, n_batches: int) -> np.ndarray:
+    """Library-size factor per batch."""
+    return np.exp(rng.normal(0.0, 0.1, size=n_batches))
+
+
+def _draw_library(rng: np.random.Generator, damaged: np.ndarray, batch_factor: np.ndarray) -> np.ndarray:
+    """Expected UMIs per cell: lognormal around 4,000, times its batch's factor, x0.4 when damaged."""
+    library = rng.lognormal(np.log(4000.0), 0.35, size=damaged.size) * batch_factor
+    library *= np.where(damaged, 0.4, 1.0)
+    return library
 
 
 def _expression_means(
@@ -744,8 +907,28 @@ def _expression_means(
 ) -> np.ndarray:
     """Expected UMI counts mu, cells x genes (see the module docstring)."""
     n_cells = usage.shape[0]
-    batch_log = rng.normal(0.0, 0.15, size=(design.n_batches, genes.baseline.size))
-    batch_log[:, genes.mito_idx] = 0.0
+    batch_log = _draw_batch_log(rng, design.n_batches, genes)
+    damaged, mito_log = _draw_damage(rng, n_cells)
+    remaining = _draw_remaining(rng, genes.target_idx.size, design.n_guides_per_target)
+    batch_lib = _draw_batch_library(rng, design.n_batches)
+    library = _draw_library(rng, damaged, batch_lib[design.batch])
+    rows = _CellRows(design.group, design.guide_within, design.batch, mito_log, library)
+    return _cell_means(genes, _ScreenDraws(batch_log, remaining, batch_lib), rows, usage, weights, expression)
+
+
+def _cell_means(
+    genes: _Genes,
+    screen: _ScreenDraws,
+    rows: _CellRows,
+    usage: np.ndarray,
+    weights: np.ndarray,
+    expression: str,
+) -> np.ndarray:
+    """Expected UMI counts of the cells ``rows`` (usage: their rows), cells x genes float64.
+
+    Each row depends only on that cell's inputs and the screen-wide draws, so the cells can be
+    taken a block at a time (:func:`write_simulated_screen`).
+    """
     # (usage @ W.T + log b) + batch, computed in place: the same IEEE operations as
     # log b + usage @ W.T + batch (addition is commutative), without the extra temporaries
     if expression == "mixture":
@@ -753,24 +936,20 @@ def _expression_means(
     else:
         log_mu = usage @ weights.T
         log_mu += np.log(np.maximum(genes.baseline, 1e-300))[None, :]
-    log_mu += batch_log[design.batch]
+    log_mu += screen.batch_log[rows.batch]
     # mitochondrial share: lognormal per cell, with 3 % damaged cells (high mito, small library)
-    damaged = rng.random(n_cells) < 0.03
-    mito_log = rng.normal(0.0, 0.35, size=n_cells) + np.where(damaged, np.log(5.0), 0.0)
-    log_mu[:, genes.mito_idx] += mito_log[:, None]
+    log_mu[:, genes.mito_idx] += rows.mito_log[:, None]
     log_mu -= log_mu.max(axis=1, keepdims=True)
     mu = np.exp(log_mu, out=log_mu)
-    # target knockdown: guide-specific remaining fraction of the target's mRNA
-    n_targets = genes.target_idx.size
-    remaining = rng.uniform(0.1, 0.4, size=(n_targets, design.n_guides_per_target))
-    pert_cells = np.flatnonzero(~design.is_control)
-    target = design.group[pert_cells] - 1
-    mu[pert_cells, genes.target_idx[target]] *= remaining[target, design.guide_within[pert_cells]]
+    # target knockdown: guide-specific remaining fraction of the (measured) target's mRNA
+    pert_cells = np.flatnonzero(rows.group > 0)
+    target = rows.group[pert_cells] - 1
+    measured = target < genes.target_idx.size
+    if not measured.all():
+        pert_cells, target = pert_cells[measured], target[measured]
+    mu[pert_cells, genes.target_idx[target]] *= screen.remaining[target, rows.guide_within[pert_cells]]
     mu /= mu.sum(axis=1, keepdims=True)
-    batch_lib = np.exp(rng.normal(0.0, 0.1, size=design.n_batches))
-    library = rng.lognormal(np.log(4000.0), 0.35, size=n_cells) * batch_lib[design.batch]
-    library *= np.where(damaged, 0.4, 1.0)
-    mu *= library[:, None]
+    mu *= rows.library[:, None]
     return mu
 
 
@@ -784,32 +963,30 @@ def _draw_counts(
 ) -> sp.csr_matrix:
     """Gamma-Poisson (negative binomial) UMI counts, CSR ``int32``.
 
-    The expression means are computed here rather than passed in so that no caller holds on to
-    them while the counts are drawn.
+    The expression means are made in the call, so that only :func:`_nb_counts` holds them.
     """
-    mu = _expression_means(rng, genes, design, usage, weights, expression)
-    inv_phi = 1.0 / genes.dispersion
+    return _nb_counts(rng, _expression_means(rng, genes, design, usage, weights, expression), genes.dispersion)
+
+
+def _nb_counts(rng: np.random.Generator, mu: np.ndarray, dispersion: np.ndarray) -> sp.csr_matrix:
+    """Gamma-Poisson counts around ``mu`` (cells x genes, overwritten), CSR ``int32``.
+
+    Pass ``mu`` as a temporary: the dense cells x genes arrays are freed as soon as they are used up.
+    """
+    inv_phi = 1.0 / dispersion
     mu /= inv_phi[None, :]  # the gamma scale; mu is not needed afterwards
     lam = rng.gamma(inv_phi[None, :], mu)
-    # the dense cells x genes arrays are freed as soon as they are used up
     del mu
     counts = rng.poisson(lam)
     del lam
     return sp.csr_matrix(counts.astype(np.int32), dtype=np.int32)
 
 
-def _screen_anndata(
-    counts: sp.csr_matrix,
-    genes: _Genes,
-    design: _Design,
-    weights: np.ndarray,
-    usage: np.ndarray,
-    truth: dict,
-) -> anndata.AnnData:
-    """The counts with the design in ``obs``, the gene profiles in ``var`` and the truth."""
-    n_cells = counts.shape[0]
+def _obs_frame(design: _Design) -> pd.DataFrame:
+    """``obs``: perturbation, guide, batch, is_control, simulation_phase; cells ``CELL00001`` ..."""
+    n_cells = design.group.size
     width_c = max(5, len(str(n_cells)))
-    obs = pd.DataFrame(
+    return pd.DataFrame(
         {
             "perturbation": pd.Categorical.from_codes(design.group, categories=design.group_labels),
             "guide": pd.Categorical.from_codes(design.guide_code, categories=design.guide_names),
@@ -823,16 +1000,259 @@ def _screen_anndata(
         },
         index=pd.Index([f"CELL{i + 1:0{width_c}d}" for i in range(n_cells)], name="cell"),
     )
+
+
+def _screen_anndata(counts: sp.csr_matrix | None, truth: _Truth) -> anndata.AnnData:
+    """The counts (None: no ``X``) with the design in ``obs``, the gene profiles in ``var`` and the truth."""
+    genes = truth.genes
     var = pd.DataFrame(
         {"simulation_baseline": genes.baseline, "simulation_dispersion": genes.dispersion},
         index=pd.Index(genes.names, name="gene"),
     )
-    adata = anndata.AnnData(X=counts, obs=obs, var=var)
-    adata.varm["simulation_weights"] = weights
-    adata.obsm["simulation_usage"] = usage
+    adata = anndata.AnnData(X=counts, obs=_obs_frame(truth.design), var=var)
+    adata.varm["simulation_weights"] = truth.weights
+    adata.obsm["simulation_usage"] = truth.usage
     adata.uns["control_label"] = CONTROL_LABEL
-    adata.uns["simulation"] = truth
+    adata.uns["simulation"] = truth.uns()
     return adata
+
+
+# --------------------------------------------------------------------------------------
+# screens larger than memory, written chunk by chunk
+# --------------------------------------------------------------------------------------
+#: Cells per block of the per-cell random streams: block ``b`` (cells ``b * 1024`` ...) draws its
+#: damage, library sizes and counts from ``SeedSequence(seed, spawn_key=(3, b))``, so the counts do
+#: not depend on how many cells are written at a time.
+_CELL_BLOCK = 1024
+_BLOCK_STREAM = 3
+#: Elements per HDF5 chunk of X's ``data`` / ``indices`` / ``indptr`` (1 MiB of int32).
+_H5_CHUNK = 1 << 18
+_COMPRESSIONS = (None, "gzip", "lzf")
+
+
+def write_simulated_screen(
+    path,
+    n_cells: int,
+    n_genes: int,
+    n_targets: int,
+    *,
+    chunk_cells: int = 50_000,
+    seed: int = 0,
+    n_programs: int = 8,
+    n_batches: int = 2,
+    n_guides_per_target: int = 3,
+    n_control_guides: int = 4,
+    control_fraction: float = 0.15,
+    n_down_genes: int = 0,
+    guide_efficacy: tuple[float, float] | None = None,
+    expression: str = "log_linear",
+    n_measured_targets: int | None = None,
+    compression: str | None = None,
+    gene_sets_path=None,
+    cell_cycle_path=None,
+) -> dict:
+    """Write a simulated screen to an ``.h5ad`` file chunk by chunk: screens larger than memory.
+
+    The generative model and the file's layout are :func:`simulate_screen`'s (see there and the
+    module docstring): planted programs, perturbation effects, non-targeting controls, batches,
+    guides, cell-cycle and mitochondrial genes, NB counts of ~4,000 UMIs per cell (most entries
+    zero). The counts are drawn in blocks of 1,024 cells and appended to ``X`` on disk every
+    ``chunk_cells`` cells, so the cells x genes matrix is never held whole.
+
+    Parameters
+    ----------
+    path
+        Output ``.h5ad`` (its folder is created). Written as a hidden ``.partial`` file next to it
+        and renamed when complete, so ``path`` is never a half-written screen.
+    n_cells, n_genes, n_targets
+        Cells, measured genes and CRISPR targets, as in :func:`simulate_screen`.
+    chunk_cells
+        Cells appended to the file at a time (rounded up to whole blocks of 1,024 cells). Memory
+        follows it: about ``chunk_cells x`` (non-zeros per cell) ``x 8`` bytes for the chunk's CSR,
+        plus one block's dense 1,024 x ``n_genes`` float64 arrays.
+    seed, n_programs, n_batches, n_guides_per_target, n_control_guides, control_fraction, \
+    n_down_genes, guide_efficacy, expression
+        As in :func:`simulate_screen` (e.g. ``**DEMO_DESIGN`` for the demo's design).
+    n_measured_targets
+        How many targets are also measured genes (the first ones, ``TGT...``; knocked down in
+        their own cells); the others are not in ``var``. Default: all of them, but at most a
+        quarter of the genes (and no more than the panel leaves room for), so 10,000 targets fit
+        in 8,000 genes (2,000 measured).
+    compression
+        HDF5 filter of ``X``: None (default, fastest to read), ``"lzf"`` or ``"gzip"``.
+    gene_sets_path, cell_cycle_path
+        If given, also write the planted gene sets (GMT, :func:`planted_gene_sets` with ``seed``)
+        and the cell-cycle marker table (:func:`write_cell_cycle_genes`) there, as the demo's
+        inputs are written.
+
+    Returns
+    -------
+    dict
+        ``path``, ``n_cells``, ``n_genes``, ``n_targets``, ``n_measured_targets``, ``n_programs``,
+        ``nnz``, ``density``, ``umis_per_cell_median``, ``genes_per_cell_median``, ``bytes`` (file
+        size), ``seconds``, ``chunk_cells`` (as rounded), ``n_chunks``, ``compression``.
+
+    Notes
+    -----
+    * The file: ``X`` CSR ``int32`` (``indptr`` int64) written with h5py in anndata's on-disk
+      format, so ``anndata.read_h5ad`` reads it and backed mode / ``read_elem_lazy`` read it
+      lazily; ``obs``, ``var``, ``varm["simulation_weights"]``, ``obsm["simulation_usage"]``
+      (cells x programs) and ``uns["simulation"]`` (its tables are O(n_targets)) as
+      :func:`simulate_screen` stores them; ``params`` also holds ``cell_block`` and, when not
+      every target is measured, ``n_measured_targets``.
+    * Deterministic per ``seed`` and independent of ``chunk_cells``. The design and truth (obs,
+      var, programs, usage, effects) equal :func:`simulate_screen`'s for the same arguments when
+      every target is measured; the counts come from per-block streams, so they differ from
+      :func:`simulate_screen`'s.
+    * Memory besides the chunk: O(n_cells x n_programs) for the design and the usage (2M cells:
+      ~0.5 GB), O(n_genes x n_programs) for the programs.
+    """
+    started = time.perf_counter()
+    path = pathlib.Path(path)
+    chunk_cells = _check_writer_args(path, chunk_cells, compression)
+    if n_measured_targets is None:
+        n_measured_targets = _default_measured(n_targets, n_genes, n_programs, n_down_genes)
+    setup = _check_setup(
+        n_cells, n_genes, n_programs, n_targets, n_batches, n_guides_per_target, n_control_guides,
+        control_fraction, seed, n_down_genes, guide_efficacy, expression, n_measured_targets,
+    )
+    rng = np.random.default_rng(setup.seed)
+    truth = _draw_truth(rng, setup)
+    screen = _ScreenDraws(
+        _draw_batch_log(rng, setup.n_batches, truth.genes),
+        _draw_remaining(rng, setup.n_targets, setup.n_guides_per_target),
+        _draw_batch_library(rng, setup.n_batches),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.stem}.partial-{os.getpid()}.h5ad")
+    try:
+        _write_skeleton(partial, truth, gene_sets_path, cell_cycle_path)
+        written = _append_counts(partial, truth, screen, chunk_cells, compression)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return {
+        "path": str(path), "n_cells": setup.n_cells, "n_genes": setup.n_genes, "n_targets": setup.n_targets,
+        "n_measured_targets": setup.n_measured_targets, "n_programs": setup.n_programs, **written,
+        "density": written["nnz"] / (setup.n_cells * setup.n_genes), "bytes": path.stat().st_size,
+        "seconds": time.perf_counter() - started, "compression": compression,
+    }
+
+
+def _default_measured(n_targets, n_genes, n_programs, n_down_genes) -> int:
+    """Measured targets by default: all, at most a quarter of the genes and what the gene panel leaves."""
+    n_targets = check_int("n_targets", n_targets, 6)
+    n_genes = check_int("n_genes", n_genes, 1)
+    fixed = _N_MITO + 15 * check_int("n_programs", n_programs, 3) + 20 + 2 * check_int("n_down_genes", n_down_genes, 0)
+    return max(0, min(n_targets, n_genes // 4, n_genes - fixed))
+
+
+def _check_writer_args(path: pathlib.Path, chunk_cells, compression) -> int:
+    """``chunk_cells`` rounded up to whole blocks; ``ValueError`` for a bad path, chunk or filter."""
+    if path.suffix != ".h5ad":
+        raise ValueError(f"path must end in .h5ad, got {str(path)!r}")
+    chunk_cells = check_int("chunk_cells", chunk_cells, 1)
+    if compression not in _COMPRESSIONS:
+        raise ValueError(f"compression must be one of {_COMPRESSIONS}, got {compression!r}")
+    return -(-chunk_cells // _CELL_BLOCK) * _CELL_BLOCK
+
+
+def _write_skeleton(path: pathlib.Path, truth: _Truth, gene_sets_path, cell_cycle_path) -> None:
+    """Everything but ``X`` (obs, var, obsm, varm, uns), and the optional gene-set and marker files."""
+    adata = _screen_anndata(None, truth)
+    adata.uns["simulation"]["params"]["cell_block"] = _CELL_BLOCK
+    if truth.setup.n_measured_targets != truth.setup.n_targets:
+        adata.uns["simulation"]["params"]["n_measured_targets"] = truth.setup.n_measured_targets
+    adata.write_h5ad(path)
+    if gene_sets_path is not None:
+        write_gmt(gene_sets_path, planted_gene_sets(adata, seed=truth.setup.seed))
+    if cell_cycle_path is not None:
+        write_cell_cycle_genes(cell_cycle_path, adata)
+
+
+def _append_counts(
+    path: pathlib.Path, truth: _Truth, screen: _ScreenDraws, chunk_cells: int, compression: str | None
+) -> dict:
+    """Draw the counts block by block and append them to a CSR ``X`` in ``path``, one chunk at a time.
+
+    Returns ``nnz``, the median UMIs and detected genes per cell, ``chunk_cells`` and ``n_chunks``.
+    """
+    setup = truth.setup
+    n_blocks = -(-setup.n_cells // _CELL_BLOCK)
+    per_chunk = chunk_cells // _CELL_BLOCK
+    umis = np.empty(setup.n_cells, dtype=np.int64)
+    detected = np.empty(setup.n_cells, dtype=np.int64)
+    with h5py.File(path, "a") as f:
+        group = _create_csr_group(f, (setup.n_cells, setup.n_genes), compression)
+        for first in range(0, n_blocks, per_chunk):
+            pieces = [_block_counts(truth, screen, b) for b in range(first, min(first + per_chunk, n_blocks))]
+            rows = slice(first * _CELL_BLOCK, first * _CELL_BLOCK + sum(p.shape[0] for p in pieces))
+            umis[rows] = np.concatenate([np.asarray(p.sum(axis=1)).ravel() for p in pieces])
+            detected[rows] = np.concatenate([np.diff(p.indptr) for p in pieces])
+            _append_rows(group, pieces)
+            del pieces
+        nnz = int(group["data"].shape[0])
+        _narrow_indptr(group, nnz)
+    return {"nnz": nnz, "umis_per_cell_median": float(np.median(umis)),
+            "genes_per_cell_median": float(np.median(detected)), "chunk_cells": chunk_cells,
+            "n_chunks": -(-n_blocks // per_chunk)}
+
+
+def _block_counts(truth: _Truth, screen: _ScreenDraws, block: int) -> sp.csr_matrix:
+    """Counts of cell block ``block`` (1,024 cells; the last may be shorter), CSR int32, from its own stream."""
+    setup, design = truth.setup, truth.design
+    rows = slice(block * _CELL_BLOCK, min((block + 1) * _CELL_BLOCK, setup.n_cells))
+    rng = np.random.default_rng(np.random.SeedSequence(setup.seed, spawn_key=(_BLOCK_STREAM, block)))
+    damaged, mito_log = _draw_damage(rng, rows.stop - rows.start)
+    library = _draw_library(rng, damaged, screen.batch_lib[design.batch[rows]])
+    cells = _CellRows(design.group[rows], design.guide_within[rows], design.batch[rows], mito_log, library)
+    return _nb_counts(
+        rng, _cell_means(truth.genes, screen, cells, truth.usage[rows], truth.weights, setup.expression),
+        truth.genes.dispersion,
+    )
+
+
+def _create_csr_group(f: h5py.File, shape: tuple[int, int], compression: str | None) -> h5py.Group:
+    """An empty, resizable CSR group ``X`` in anndata's on-disk format (encoding csr_matrix 0.1.0)."""
+    group = f.create_group("X")
+    group.attrs["encoding-type"] = "csr_matrix"
+    group.attrs["encoding-version"] = "0.1.0"
+    group.attrs["shape"] = np.asarray(shape, dtype=np.int64)
+    options = {"maxshape": (None,), "chunks": (_H5_CHUNK,), "compression": compression}
+    group.create_dataset("data", shape=(0,), dtype=np.int32, **options)
+    group.create_dataset("indices", shape=(0,), dtype=np.int32, **options)
+    group.create_dataset("indptr", data=np.zeros(1, dtype=np.int64), **options)
+    return group
+
+
+def _narrow_indptr(group: h5py.Group, nnz: int) -> None:
+    """Store ``indptr`` as int32 when the non-zeros allow it, as scipy (and anndata) would."""
+    if nnz > np.iinfo(np.int32).max:
+        return
+    indptr = group["indptr"][:].astype(np.int32)
+    del group["indptr"]
+    group.create_dataset("indptr", data=indptr, chunks=(min(_H5_CHUNK, indptr.size),),
+                         compression=group["data"].compression)
+
+
+def _append_rows(group: h5py.Group, pieces: list[sp.csr_matrix]) -> None:
+    """Append the rows of the CSR ``pieces`` (in order) to the on-disk CSR ``group``."""
+    data, indices, indptr = group["data"], group["indices"], group["indptr"]
+    offset = data.shape[0]
+    added = sum(p.nnz for p in pieces)
+    data.resize((offset + added,))
+    indices.resize((offset + added,))
+    pointers = []
+    for piece in pieces:
+        if piece.nnz:
+            data[offset:offset + piece.nnz] = piece.data
+            indices[offset:offset + piece.nnz] = piece.indices
+        pointers.append(piece.indptr[1:].astype(np.int64) + offset)
+        offset += piece.nnz
+    pointers = np.concatenate(pointers)
+    n_rows = indptr.shape[0]
+    indptr.resize((n_rows + pointers.size,))
+    indptr[n_rows:] = pointers
 
 
 # --------------------------------------------------------------------------------------
