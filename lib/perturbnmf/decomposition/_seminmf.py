@@ -204,6 +204,27 @@ def _update_h_least_squares(X, W, *, WtX=None):
             return _update_h_svd(X, W)
     if WtX is None:
         WtX = _safe_Wt_X(X, W)
+    return _solve_gram(gram, WtX)
+
+
+def _solve_gram(gram, WtX):
+    """Least-squares loadings from the Gram system ``gram H = WtX`` (the H step without X).
+
+    Cholesky; a singular or ill-conditioned ``gram`` (scipy's condition warning) falls back to
+    :func:`scipy.linalg.lstsq` (minimum-norm solution). Used by :func:`_update_h_least_squares`
+    and by the chunked fit, which sums ``gram`` and ``WtX`` over row chunks.
+
+    Parameters
+    ----------
+    gram : ndarray of shape (k, k)
+        ``W^T W``.
+    WtX : ndarray of shape (k, n_features)
+        ``W^T X``.
+
+    Returns
+    -------
+    H : ndarray of shape (k, n_features)
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("error", scipy.linalg.LinAlgWarning)
         try:  # Cholesky: ~50x faster than an SVD-based solve for k x k with many right-hand sides
@@ -256,8 +277,28 @@ def _update_h_nonnegative(X, W, H, *, n_sweeps=1, WtX=None):
     """
     if WtX is None:
         WtX = _safe_Wt_X(X, W)
+    return _nonnegative_h_sweeps(W.T @ W, WtX, H, n_sweeps)
+
+
+def _nonnegative_h_sweeps(gram, WtX, H, n_sweeps):
+    """The NMF H step from the Gram terms alone: ``n_sweeps`` coordinate-descent sweeps from ``H``.
+
+    Parameters
+    ----------
+    gram : ndarray of shape (k, k)
+        ``W^T W``.
+    WtX : ndarray of shape (k, n_features)
+        ``W^T X``.
+    H : ndarray of shape (k, n_features)
+        Starting loadings (clipped at 0).
+    n_sweeps : int
+
+    Returns
+    -------
+    H : ndarray of shape (k, n_features), non-negative
+    """
     Ht = np.array(np.maximum(H, 0.0).T, dtype=np.float64, order="C")
-    _kernels.coordinate_descent_rows(Ht, np.ascontiguousarray(WtX.T), np.ascontiguousarray(W.T @ W), n_sweeps, 0.0)
+    _kernels.coordinate_descent_rows(Ht, np.ascontiguousarray(WtX.T), np.ascontiguousarray(gram), n_sweeps, 0.0)
     return np.ascontiguousarray(Ht.T)
 
 
@@ -333,17 +374,45 @@ def _objective(X, W, H, *, norm_X_sq=None, XHt=None, HHt=None):
     if HHt is None:
         HHt = H @ H.T
     cross_terms = W * XHt
-    quad_terms = (W.T @ W) * HHt
-    value = 0.5 * max(norm_X_sq - 2.0 * float(np.sum(cross_terms)) + float(np.sum(quad_terms)), 0.0)
     eps = np.finfo(np.float32 if not sp.issparse(X) and X.dtype == np.float32 else np.float64).eps
-    size = norm_X_sq + 2.0 * float(np.abs(cross_terms).sum()) + float(np.abs(quad_terms).sum())
-    if eps * size > _OBJECTIVE_RTOL * norm_X_sq:
+    value = _gram_objective(norm_X_sq, float(np.sum(cross_terms)), float(np.abs(cross_terms).sum()), W.T @ W, HHt,
+                            eps)
+    if value is None:
         return 0.5 * _residual_norm(X, W, H) ** 2
     return value
 
 
 #: Largest rounding (relative to ``||X||^2``) accepted from the Gram form of the objective.
 _OBJECTIVE_RTOL = 1e-5
+
+
+def _gram_objective(norm_X_sq, cross, abs_cross, gram, HHt, eps):
+    """``0.5 * (||X||^2 - 2 cross + sum(W^T W * H H^T))`` clipped at 0, or None when its rounding
+    could exceed ``_OBJECTIVE_RTOL * ||X||^2`` (the caller then forms the residual exactly).
+
+    Parameters
+    ----------
+    norm_X_sq : float
+        ``||X||_F^2``.
+    cross, abs_cross : float
+        ``sum(W * X H^T)`` and ``sum(|W * X H^T|)``.
+    gram : ndarray of shape (k, k)
+        ``W^T W``.
+    HHt : ndarray of shape (k, k)
+        ``H H^T``.
+    eps : float
+        Machine epsilon of the products' precision.
+
+    Returns
+    -------
+    float or None
+    """
+    quad_terms = gram * HHt
+    value = 0.5 * max(norm_X_sq - 2.0 * cross + float(np.sum(quad_terms)), 0.0)
+    size = norm_X_sq + 2.0 * abs_cross + float(np.abs(quad_terms).sum())
+    if eps * size > _OBJECTIVE_RTOL * norm_X_sq:
+        return None
+    return value
 
 
 def _residual_norm(X, W, H, *, block_elements=2**22):
@@ -459,8 +528,7 @@ def _initialize(X, n_components, init, random_state, *, W=None, H=None, nonnegat
         W = _svd_start(X, n_components, random_state)
     elif init in ("random", "svd"):  # a rank-0 SVD start is no start: k = 1 starts at random
         data = X.data if sp.issparse(X) else X
-        mean_abs = float(np.abs(data).sum(dtype=np.float64)) / (n_samples * n_features)
-        scale = np.sqrt(mean_abs / n_components) if mean_abs > 0 else 1.0
+        scale = _random_start_scale(float(np.abs(data).sum(dtype=np.float64)), X.shape, n_components)
         W = scale * _uniform_open_closed(random_state, (n_samples, n_components))
     elif init == "custom":
         W = np.array(W, dtype=np.float64, copy=True)
@@ -472,6 +540,13 @@ def _initialize(X, n_components, init, random_state, *, W=None, H=None, nonnegat
     if nonnegative_h:
         H = _update_h_nonnegative(X, W, H, n_sweeps=_NMF_INIT_H_SWEEPS)
     return W, H
+
+
+def _random_start_scale(abs_sum, shape, n_components):
+    """Scale ``sqrt(mean|X| / k)`` of the random start (1 for an all-zero X); ``abs_sum`` is ``sum|X|``,
+    ``shape`` X's (n_samples, n_features)."""
+    mean_abs = abs_sum / (shape[0] * shape[1])
+    return np.sqrt(mean_abs / n_components) if mean_abs > 0 else 1.0
 
 
 #: Coordinate-descent sweeps that turn the clipped least-squares H of the start into an NMF H.
@@ -565,7 +640,12 @@ def _hals_inner_sweeps(X, k):
     of a dense X alike are not counted), so a dense and a sparse X with the same values take
     the same steps and give the same factors.
     """
-    per_row = np.count_nonzero(X.data if sp.issparse(X) else X) / max(X.shape[0], 1)
+    return _inner_sweeps_for(np.count_nonzero(X.data if sp.issparse(X) else X), X.shape[0], k)
+
+
+def _inner_sweeps_for(nnz, n_samples, k):
+    """:func:`_hals_inner_sweeps` from X's count of non-zero values and rows (e.g. summed over chunks)."""
+    per_row = nnz / max(n_samples, 1)
     return int(np.clip((2.0 * per_row / k) // 3, 1, _HALS_INNER_SWEEPS))
 
 
@@ -611,13 +691,8 @@ def _hals_iteration(X, W, H, XHt, HHt, rng, *, n_sweeps=1, nonnegative_h=False, 
     n_reseeded : int
         Components re-seeded in this iteration.
     """
-    W = np.array(W, dtype=np.float64, order="C", copy=True)
+    W = _hals_w_step(W, XHt, HHt, n_sweeps=n_sweeps, l1=l1, l2=l2, n_fixed=n_fixed)
     n_free = W.shape[1] - n_fixed
-    # the penalised block is the plain one with shifted terms: b - l1 and Q + l2 I
-    Q = HHt + l2 * np.eye(len(HHt))
-    fixed = np.arange(n_free, W.shape[1])
-    Q[fixed, fixed] = 0.0  # the kernel leaves a column with a zero diagonal unchanged
-    _kernels.coordinate_descent_rows(W, np.ascontiguousarray(XHt - l1), np.ascontiguousarray(Q), n_sweeps, 0.0)
     dead = _dead_components(W[:, :n_free])
     if dead.size:
         scale = float(W.mean()) if W.any() else 1.0
@@ -635,6 +710,37 @@ def _hals_iteration(X, W, H, XHt, HHt, rng, *, n_sweeps=1, nonnegative_h=False, 
     XHt = _safe_X_Ht(X, H)
     HHt = H @ H.T
     return W, H, XHt, HHt, int(dead.size)
+
+
+def _hals_w_step(W, XHt, HHt, *, n_sweeps=1, l1=0.0, l2=0.0, n_fixed=0):
+    """The W block of :func:`_hals_iteration`: ``n_sweeps`` exact coordinate-descent sweeps, on a copy.
+
+    Rows are independent, so a block of rows (with its rows of ``XHt``) is updated exactly as
+    within the whole W; the chunked fit calls this per row chunk.
+
+    Parameters
+    ----------
+    W : ndarray of shape (n_samples, k)
+    XHt : ndarray of shape (n_samples, k)
+        ``X @ H.T`` for the current ``H``.
+    HHt : ndarray of shape (k, k)
+    n_sweeps : int
+    l1, l2 : float
+        Usage penalties (see :func:`_hals_iteration`).
+    n_fixed : int
+        The last ``n_fixed`` columns are known covariates, left unchanged.
+
+    Returns
+    -------
+    W : ndarray of shape (n_samples, k), float64, a new array
+    """
+    W = np.array(W, dtype=np.float64, order="C", copy=True)
+    # the penalised block is the plain one with shifted terms: b - l1 and Q + l2 I
+    Q = HHt + l2 * np.eye(len(HHt))
+    fixed = np.arange(W.shape[1] - n_fixed, W.shape[1])
+    Q[fixed, fixed] = 0.0  # the kernel leaves a column with a zero diagonal unchanged
+    _kernels.coordinate_descent_rows(W, np.ascontiguousarray(XHt - l1), np.ascontiguousarray(Q), n_sweeps, 0.0)
+    return W
 
 
 #: solver name -> one-iteration function ``(X, W, H, XHt, HHt, rng) -> (W, H, XHt, HHt, n_reseeded)``.
@@ -665,6 +771,30 @@ def _warn_dead(dead, already, iteration):
 
 #: Iterations over which the relative objective decrease is compared with ``tol``.
 _CONVERGENCE_WINDOW = 10
+
+
+def _stopping_rule(trace, initial_objective, tol):
+    """The fit's stopping rule, shared by :func:`_fit_loop` and the chunked fit.
+
+    ``(f[t - w] - f[t]) / f[t - w] < tol`` with ``w = _CONVERGENCE_WINDOW`` (the initial objective
+    stands in for ``f[t - w]`` in the first ``w`` iterations), and at least ``w`` iterations run.
+
+    Parameters
+    ----------
+    trace : sequence of float
+        Objective after each iteration so far (``trace[-1]`` is the current one).
+    initial_objective : float
+    tol : float
+
+    Returns
+    -------
+    rel_change : float
+        The relative decrease over the window.
+    stop : bool
+    """
+    reference = trace[-1 - _CONVERGENCE_WINDOW] if len(trace) > _CONVERGENCE_WINDOW else initial_objective
+    rel_change = (reference - trace[-1]) / max(reference, _TINY)
+    return rel_change, bool(rel_change < tol and len(trace) >= _CONVERGENCE_WINDOW)
 
 
 def _fit_loop(X, W, H, *, solver, max_iter, tol, rng, verbose=0, nonnegative_h=False, l1=0.0, l2=0.0, n_fixed=0):
@@ -737,15 +867,14 @@ def _fit_loop(X, W, H, *, solver, max_iter, tol, rng, verbose=0, nonnegative_h=F
         f = _objective(X, W, H, norm_X_sq=norm_X_sq, XHt=XHt, HHt=HHt) + penalty(W)
         trace.append(f)
         _warn_dead(_dead_components(W[:, :n_free]), dead_warned, it)
-        reference = trace[-1 - _CONVERGENCE_WINDOW] if len(trace) > _CONVERGENCE_WINDOW else initial_objective
-        rel_change = (reference - f) / max(reference, _TINY)
+        rel_change, stop = _stopping_rule(trace, initial_objective, tol)
         if verbose and (it % 10 == 0 or it == 1):
             print(
                 f"SemiNMF iteration {it:5d}: objective {f:.6e}, relative change "
                 f"{rel_change:.3e} ({time.time() - start_time:.2f} s)"
             )
         f_prev = f
-        if rel_change < tol and it >= _CONVERGENCE_WINDOW:
+        if stop:
             converged = True
             break
     n_iter = it
