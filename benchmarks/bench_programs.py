@@ -161,7 +161,7 @@ def evaluate(size: str, seed: int, candidate: str, cnmf_restarts: int = 100) -> 
     if cache.exists():
         return json.loads(cache.read_text())
     counts, adata = screen(size, seed)
-    X = _used_matrix(adata, "normalized", "highly_variable")
+    X = _used_matrix(adata, None, "highly_variable")
     start = time.perf_counter()
     extra = {}
     if candidate == "cnmf":

@@ -26,7 +26,8 @@ def adata():
     a = ad.AnnData(X=X.toarray(), obs=obs)
     a.layers["normalized"] = X
     a.var["highly_variable"] = True
-    tl.factorize(a, [4], n_restarts=3, seed=0, n_jobs=1, max_iter=300, model="seminmf", density_threshold=None)
+    tl.factorize(a, [4], n_restarts=3, seed=0, n_jobs=1, max_iter=300, model="seminmf", density_threshold=None,
+                 layer="normalized", mask_var="highly_variable")  # split_half then reads the same layer
     match = tl.split_half(a, "perturbation", n_restarts=3, seed=1, n_jobs=1, max_iter=300)
     a.uns["_match"] = match
     return a

@@ -84,7 +84,8 @@ def test_reports_are_self_contained(tiny_run, page):
 
 def test_anndata_outputs_follow_the_scverse_layout(tiny_run):
     pre = ad.read_h5ad(tiny_run[0] / "data" / "preprocessed.h5ad")
-    assert {"counts", "normalized"} <= set(pre.layers)
+    assert not pre.layers and pre.n_vars == 150  # the selected genes only; the counts stay in the input
+    assert (tiny_run[0] / "data" / "genes.csv").is_file()  # every gene that passed QC, with its statistics
     assert {"total_counts", "pct_counts_mito", "S_score", "G2M_score", "phase", "batch_batch_1"} <= set(pre.obs)
     assert pre.var["highly_variable"].sum() == 150
     fac = ad.read_h5ad(tiny_run[0] / "data" / "factorized.h5ad")

@@ -447,6 +447,9 @@ def _planted_and_recovered_scores(adata) -> tuple[np.ndarray, list[str], pd.Data
 def program_recovery(adata) -> tuple[pd.DataFrame, pd.DataFrame]:
     """How well a factorised simulated screen recovered its planted programs.
 
+    Also stores the match in ``uns['simulation']['program_match']``, where
+    :func:`screen_effect_recovery` finds it without the expression matrix.
+
     Returns
     -------
     match : pandas.DataFrame
@@ -457,19 +460,23 @@ def program_recovery(adata) -> tuple[pd.DataFrame, pd.DataFrame]:
     planted, names, scores = _planted_and_recovered_scores(adata)
     match = match_programs(planted, scores.to_numpy(), names, list(scores.columns))
     similarity = program_similarity(planted, scores.to_numpy(), names, list(scores.columns))
+    # kept with the factors, so step 3 needs no expression matrix (h5ad stores no None: "" = unmatched)
+    adata.uns["simulation"]["program_match"] = match.assign(program=match["program"].fillna("").astype(str))
     return match, similarity
 
 
 def screen_effect_recovery(adata, contrasts: pd.DataFrame, groups: pd.Series, control_label: str,
                            fdr: float) -> dict:
     """:func:`effect_recovery` of step 3's ``contrasts`` on a simulated screen, against its planted
-    effects and the shifts they imply, plus ``n_targets_called`` (targets with a hit),
+    effects (programs matched as :func:`program_recovery` stored them, or matched now) and the shifts they imply, plus ``n_targets_called`` (targets with a hit),
     ``n_null_targets`` and ``n_null_targets_called`` (targets with no planted effect that got a hit)."""
     truth = adata.uns["simulation"]
     implied = implied_effects(adata.obsm["simulation_usage"], usage(adata), groups.to_numpy(),
                               control_label)
-    planted, names, scores = _planted_and_recovered_scores(adata)
-    match = match_programs(planted, scores.to_numpy(), names, list(scores.columns))
+    if "program_match" in truth:
+        match = truth["program_match"].assign(program=lambda m: m["program"].replace("", None))
+    else:
+        match = program_recovery(adata)[0]
     result = effect_recovery(contrasts, pd.DataFrame(truth["effects"]), match, fdr=fdr, implied=implied)
     called = set(contrasts.loc[contrasts["qvalue"] < fdr, "perturbation"])
     result.update(n_targets_called=len(called), n_null_targets=len(truth["null_targets"]),

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import anndata as ad
+import h5py
 import pandas as pd
 import yaml
 
@@ -32,10 +33,18 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     os.replace(tmp, path)
 
 
+#: HDF5 compression of the steps' h5ad files: gzip (any HDF5 reader has it, unlike lzf), level 1 — on
+#: log-normalised expression 3.4× smaller than uncompressed, at ~50 MB/s per core (level 4: no smaller, slower).
+H5AD_COMPRESSION = {"compression": "gzip", "compression_opts": 1}
+
+
 def save_h5ad(adata: ad.AnnData, path: Path, step: str, record: dict[str, Any]) -> Path:
-    """A step's AnnData, with the step's provenance in ``uns['perturbnmf']['<step>_provenance']``."""
+    """A step's AnnData, compressed, with the step's provenance in ``uns['perturbnmf']['<step>_provenance']``.
+
+    A Dask-backed X is written chunk by chunk (AnnData computes one chunk at a time).
+    """
     adata.uns.setdefault("perturbnmf", {})[f"{step}_provenance"] = json.dumps(record, default=str)
-    atomic_write(Path(path), lambda tmp: adata.write_h5ad(tmp))
+    atomic_write(Path(path), lambda tmp: adata.write_h5ad(tmp, **H5AD_COMPRESSION))
     return Path(path)
 
 
@@ -46,10 +55,19 @@ def _require(path: Path, producing_step: str) -> None:
                                 f"(python run_all.py PARAMS.yaml --from {producing_step}).")
 
 
-def read_h5ad(path: Path, producing_step: str) -> ad.AnnData:
-    """Read the artifact of an earlier step, or say which step to run first."""
+def read_h5ad(path: Path, producing_step: str, matrix: bool = True) -> ad.AnnData:
+    """Read the artifact of an earlier step, or say which step to run first.
+
+    ``matrix=False`` leaves the expression matrix (``X``, ``layers``) on disk: the AnnData has
+    ``X = None`` and everything else (``obs``, ``var``, ``obsm``, ``varm``, ``uns``) — for the steps
+    that only need the usage and the programs, whatever the number of cells.
+    """
     _require(path, producing_step)
-    return ad.read_h5ad(path)
+    if matrix:
+        return ad.read_h5ad(path)
+    with h5py.File(path, "r") as file:
+        parts = {key: ad.io.read_elem(file[key]) for key in ("obs", "var", "obsm", "varm", "uns") if key in file}
+    return ad.AnnData(**parts)
 
 
 def save_table(frame: pd.DataFrame, path: Path) -> Path:

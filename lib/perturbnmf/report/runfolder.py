@@ -59,6 +59,7 @@ class RunPaths:
     data: Path
     notebooks: Path
     preprocessed: Path
+    genes: Path
     factorized: Path
     k_sweep: Path
     k_selection_json: Path
@@ -85,7 +86,7 @@ class RunPaths:
         data = root / "data"
         return cls(
             root=root, data=data, notebooks=root / "notebooks",
-            preprocessed=data / "preprocessed.h5ad", factorized=data / "factorized.h5ad",
+            preprocessed=data / "preprocessed.h5ad", genes=data / "genes.csv", factorized=data / "factorized.h5ad",
             k_sweep=data / "k_sweep.csv", k_selection_json=data / "k_selection.json",
             program_anova=data / "program_anova.csv", program_contrasts=data / "program_contrasts.csv",
             guide_effects=data / "guide_effects.csv", split_half=data / "split_half.csv",

@@ -24,13 +24,15 @@ scaled to unit L2 norm and W absorbs the scale; programs are then ordered by tot
 from __future__ import annotations
 
 import anndata as ad
+import dask.array as da
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from scipy.optimize import linear_sum_assignment
 
 from ..decomposition._seminmf import _safe_Wt_X
-from ..decomposition._consensus import ConsensusSweep, consensus_sweep, refit_usage, relative_error, with_covariates
+from ..decomposition._consensus import (SWEEP_TOL, ConsensusSweep, consensus_sweep, refit_usage, relative_error,
+                                        with_covariates)
 from ..errors import InputError
 
 #: A kept program counts as reproduced on half of the cells when its loadings' cosine with its
@@ -117,17 +119,22 @@ def factorize(
     n_restarts: int = 5,
     solver: str = "hals",
     max_iter: int = 500,
-    tol: float = 1e-4,
+    tol: float = SWEEP_TOL,
     holdout_fraction: float = 0.1,
     seed: int = 0,
     n_jobs: int | None = None,
-    layer: str = "normalized",
-    mask_var: str = "highly_variable",
+    layer: str | None = None,
+    mask_var: str | None = None,
     model: str = "nmf",
     density_threshold: float | None = 0.5,
     batch_key: str | None = None,
 ) -> ConsensusSweep:
-    """Consensus factorisation over a sweep of k on ``layers[layer]`` restricted to ``var[mask_var]``.
+    """Consensus factorisation over a sweep of k on ``X`` (or ``layers[layer]``), all genes (or ``var[mask_var]``).
+
+    Step 1 writes the log-normalised expression of the selected genes to ``X``, so the defaults
+    (``layer=None``: ``X``; ``mask_var=None``: every gene) factorise exactly those; ``layer`` and
+    ``mask_var`` point at another matrix or a subset of the genes. A lazy (Dask) matrix is read
+    into memory as one CSR matrix.
 
     For each k, ``n_restarts`` fits of ``model`` (see :func:`perturbnmf.decomposition.consensus_sweep`)
     give error, held-out error and stability; the kept model is the consensus for ``k`` (the
@@ -142,7 +149,7 @@ def factorize(
     baseline). Semi-NMF keeps the original analysis's model, without baselines.
     """
     _check_factorize_options(adata, k_values, k, model, solver, layer, mask_var)
-    used = adata.var[mask_var].to_numpy(dtype=bool)
+    used = _used_genes(adata, mask_var)
     X = _used_matrix(adata, layer, mask_var)
     _check_k_values(k_values, *X.shape)
     levels, Z = baseline_design(adata, batch_key) if model == "nmf" else ([], None)
@@ -175,16 +182,21 @@ def factorize(
 
 
 def _check_factorize_options(adata: ad.AnnData, k_values: list[int], k: int | None, model: str, solver: str,
-                             layer: str, mask_var: str) -> None:
+                             layer: str | None, mask_var: str | None) -> None:
     if k is not None and k not in k_values:
         raise ValueError(f"'k' ({k}) must be one of 'k_values' {k_values}, or None to use the suggested k.")
     if model == "nmf" and solver != "hals":
         raise ValueError(f"'solver' {solver!r} is the multiplicative rule of semi-NMF; with 'model' 'nmf' use "
                          "'solver: hals', or set 'model: seminmf'.")
-    if layer not in adata.layers:
-        raise ValueError(f"Layer {layer!r} is missing; run the preprocess step first (it writes 'normalized').")
-    if mask_var not in adata.var:
-        raise ValueError(f"var[{mask_var!r}] is missing; run the preprocess step first (it selects the genes).")
+    if adata.X is None and layer is None:
+        raise ValueError("X is missing; run the preprocess step first (it writes the log-normalised selected genes "
+                         "to X).")
+    if layer is not None and layer not in adata.layers:
+        raise ValueError(f"Layer {layer!r} is missing (layers: {', '.join(adata.layers) or 'none'}); layer=None "
+                         "factorises X, where the preprocess step writes the log-normalised selected genes.")
+    if mask_var is not None and mask_var not in adata.var:
+        raise ValueError(f"var[{mask_var!r}] is missing; mask_var=None factorises every gene of the matrix (the "
+                         "preprocess step keeps only the selected genes).")
 
 
 def _store_factors(adata: ad.AnnData, used: np.ndarray, W: np.ndarray, H: np.ndarray, scores: np.ndarray,
@@ -257,14 +269,32 @@ def _restart_labels(labels: np.ndarray, position: np.ndarray) -> np.ndarray:
     return np.where(labels >= 0, position[np.maximum(labels, 0)], -1).astype(np.int64)
 
 
-def _used_matrix(adata: ad.AnnData, layer: str, mask_var: str):
-    used = adata.var[mask_var].to_numpy(dtype=bool)
-    X = adata.layers[layer][:, used]
-    return sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X)
+def _used_genes(adata: ad.AnnData, mask_var: str | None) -> np.ndarray:
+    """The genes factorised: ``var[mask_var]``, or every gene when ``mask_var`` is None."""
+    return np.ones(adata.n_vars, dtype=bool) if mask_var is None else adata.var[mask_var].to_numpy(dtype=bool)
+
+
+def _used_matrix(adata: ad.AnnData, layer: str | None, mask_var: str | None):
+    """The matrix factorised (``X`` or ``layers[layer]``, the ``mask_var`` genes) in memory: CSR when sparse.
+
+    A lazy (Dask) matrix is computed into one CSR matrix (its chunks, then their concatenation); 32-bit
+    indices when they fit.
+    """
+    X = adata.X if layer is None else adata.layers[layer]
+    if X is None:
+        raise ValueError("X is not loaded (None): read the AnnData with its expression matrix.")
+    if mask_var is not None:
+        X = X[:, _used_genes(adata, mask_var)]
+    if isinstance(X, da.Array):
+        X = X.compute()
+    if not sp.issparse(X):
+        return np.asarray(X)
+    X = sp.csr_matrix(X)
+    return sp.csr_matrix((X.data, X.indices, X.indptr), shape=X.shape)  # scipy picks the smallest index type
 
 
 def split_half(adata: ad.AnnData, groups_key: str, n_restarts: int = 5, solver: str = "hals", max_iter: int = 500,
-               tol: float = 1e-4, seed: int = 0, n_jobs: int | None = None) -> pd.DataFrame:
+               tol: float = SWEEP_TOL, seed: int = 0, n_jobs: int | None = None) -> pd.DataFrame:
     """Programs learned on one half of the cells, usage of the other half refitted to them.
 
     Testing perturbations on the cells that also shaped the programs uses the data twice
@@ -286,7 +316,7 @@ def split_half(adata: ad.AnnData, groups_key: str, n_restarts: int = 5, solver: 
         One row per kept program: ``program`` and ``cosine`` with its split-half twin.
     """
     info = adata.uns["snmf"]
-    layer, mask_var = info["params"]["layer"], info["params"]["mask_var"]
+    layer, mask_var = info["params"].get("layer"), info["params"].get("mask_var")
     X = _used_matrix(adata, layer, mask_var)
     rng = np.random.default_rng(seed)
     labels = adata.obs[groups_key].astype(str).to_numpy()
@@ -303,7 +333,7 @@ def split_half(adata: ad.AnnData, groups_key: str, n_restarts: int = 5, solver: 
                               covariates=None if Z is None else Z[learn], holdout_fraction=0.0,
                               random_state=seed, n_jobs=n_jobs, progress=False)
     H_learn, H_baseline = learned.components[info["k"]], learned.covariate_components[info["k"]]
-    H_kept = adata.varm["snmf_loadings"][adata.var[mask_var].to_numpy(dtype=bool)].T
+    H_kept = adata.varm["snmf_loadings"][_used_genes(adata, mask_var)].T
     cosine = H_kept @ H_learn.T  # kept rows are unit norm
     _, twin = linear_sum_assignment(cosine, maximize=True)  # square: rows come back as 0..k-1
     H_matched = H_learn[twin]
@@ -325,10 +355,10 @@ def split_usage(adata: ad.AnnData) -> pd.DataFrame:
 
 
 def factorized_matrix(adata: ad.AnnData):
-    """The matrix the kept model was fitted to (cells × selected genes of the layer ``uns['snmf']`` names),
-    sparse CSR when the layer is sparse."""
+    """The matrix the kept model was fitted to (cells × the genes of ``X``, or of the layer and gene mask
+    ``uns['snmf']['params']`` names), sparse CSR when it is sparse."""
     info = adata.uns["snmf"]["params"]
-    return _used_matrix(adata, info["layer"], info["mask_var"])
+    return _used_matrix(adata, info.get("layer"), info.get("mask_var"))
 
 
 def usage(adata: ad.AnnData) -> pd.DataFrame:

@@ -14,9 +14,11 @@ from ..runfolder import resolve
 __all__ = ["show_header", "show_input", "show_simulation_truth", "show_qc", "show_normalization", "show_cell_cycle",
            "show_cell_cycle_skipped", "show_gene_selection"]
 
-INTRO = ("Reads the screen's raw counts, computes per-cell quality metrics, normalises each cell to "
-         "10,000 UMIs and log-transforms (<code>layers['normalized']</code>; raw counts stay in "
-         "<code>layers['counts']</code>), scores the cell cycle and selects the genes to factorise.")
+INTRO = ("Reads the screen's raw counts chunk by chunk of cells, computes per-cell quality metrics, normalises "
+         "each cell to 10,000 UMIs and log-transforms, scores the cell cycle and selects the genes to factorise. "
+         "<code>preprocessed.h5ad</code> holds the log-normalised expression of the selected genes only "
+         "(<code>X</code>); the raw counts stay in the input file, which it names, and every gene that passed "
+         "QC is listed with its metrics in <code>genes.csv</code>.")
 
 
 def show_header(params: dict[str, Any]) -> dict[str, Any]:
@@ -28,6 +30,7 @@ def show_input(adata, perturbation_key, control_label, batch_key, guide_key, lib
     groups = adata.obs[perturbation_key]
     rows = [
         ("cells × genes", f"{adata.n_obs} × {adata.n_vars}"),
+        *_chunking(adata),
         ("perturbation groups", f"{groups.nunique()} ({groups.nunique() - 1} perturbations + {control_label!r})"),
         ("control cells", int((groups == control_label).sum())),
         ("batches", ", ".join(map(str, adata.obs[batch_key].cat.categories)) if batch_key else "none given"),
@@ -36,6 +39,14 @@ def show_input(adata, perturbation_key, control_label, batch_key, guide_key, lib
     rows += [(f"gene sets: {name}", f"{info['gene_sets']} sets, {info['genes_in_data']} of their genes in the data")
              for name, info in libraries.items()]
     html.table(pd.DataFrame(rows, columns=["", "value"]), "The screen as read, before QC.")
+
+
+def _chunking(adata) -> list[tuple[str, str]]:
+    """The row saying how the counts are read (chunks of cells), when they are read lazily."""
+    stored = adata.uns.get("perturbnmf", {}).get("preprocess", {}).get("input", {})
+    if not stored.get("n_chunks"):
+        return []
+    return [("counts read in", f"{stored['n_chunks']} chunk(s) of up to {stored['chunk_cells']:,} cells")]
 
 
 def show_simulation_truth(adata) -> None:
@@ -88,7 +99,8 @@ def show_cell_cycle(adata, summary: dict[str, Any], perturbation_key: str) -> No
     if "skipped" in summary:
         html.warning(f"Cell-cycle scoring skipped: {summary['skipped']}. {text}")
         return
-    html.note(text + " Scores computed on a scaled copy of the log-normalised data (X is not scaled).")
+    html.note(text + " Scores computed on the scaled columns of the markers and their control genes (X is not "
+              "scaled); control genes drawn from bins of mean log-normalised expression.")
     pl.cell_cycle_phases(adata.obs, perturbation_key)
     plt.show()
 
@@ -97,9 +109,11 @@ def show_cell_cycle_skipped() -> None:
     html.note("Cell-cycle scoring skipped: the parameter cell_cycle_genes is not set.")
 
 
-def show_gene_selection(adata, n_selected: int) -> None:
+def show_gene_selection(adata, genes: pd.DataFrame) -> None:
+    """``adata``: the selected genes (step 1's output); ``genes``: every gene that passed QC (genes.csv)."""
     html.note(
-        f"{n_selected} of {adata.n_vars} genes selected ({adata.uns['perturbnmf']['preprocess']['gene_selection']}); "
-        "mitochondrial genes are never selected."
+        f"{adata.n_vars} of {len(genes)} genes selected ({adata.uns['perturbnmf']['preprocess']['gene_selection']}); "
+        "mitochondrial genes are never selected. Only the selected genes are kept in preprocessed.h5ad; "
+        "genes.csv lists every gene that passed QC with its metrics."
     )
-    pl.gene_selection(adata.var)
+    pl.gene_selection(genes)
