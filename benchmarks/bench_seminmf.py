@@ -5,10 +5,11 @@ Usage::
 
     python benchmarks/bench_seminmf.py [--part 1|2|3|all] [--quick] [--repeats N]
 
-Part 1 - speed at equal quality (synthetic 100,000 cells x 2,000 genes, ~20 % non-zero, k = 30):
+Part 1 - the default fit, end to end (synthetic 100,000 cells x 2,000 genes, ~20 % non-zero, k = 30):
     the original rule (Ding-Li-Jordan multiplicative updates, random start, a fixed 100
-    iterations on a dense float64 copy) against the default solver (HALS, SVD start, float32
-    CSR) run for just as many iterations as it needs to reach the original's final objective.
+    iterations on a dense float64 copy) against ``SemiNMF(k).fit(X)`` and ``NMF(k).fit(X)`` with all
+    their defaults (HALS, init "auto", float32 CSR, the default stopping rule), each also under the
+    stopping rule before issue 11 for comparison.
 Part 2 - the full k sweep (k = 5, 10, ..., 45) on the Papalexi 2021 THP-1 screen: one original
     fit per k against ``perturbnmf.decomposition.consensus_sweep`` (5 restarts per k + consensus).
 Part 3 - scale (synthetic 1,000,000 cells x 2,000 genes, k = 30): fit time and peak memory of
@@ -289,93 +290,89 @@ def first_reaching(objective: np.ndarray, target: float) -> int | None:
     return int(hits[0]) + 1 if hits.size else None
 
 
-def part1(quick: bool, repeats: int) -> dict:
-    from perturbnmf import SemiNMF
+def fit_quietly(estimator, X):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return estimator.fit(X)
 
-    n_cells = SIZES[quick]["part1"]
-    k = K_SYNTH
-    banner(f"Part 1 - speed at equal quality: {n_cells:,} cells x {N_GENES:,} genes, k = {k}")
+
+def previous_rule():
+    """The stopping rule before issue 11 (HALS judged over 10 iterations), for a side-by-side row."""
+    from perturbnmf.decomposition import _seminmf
+
+    class Rule:
+        def __enter__(self):
+            self.saved = dict(_seminmf._CONVERGENCE_WINDOW)
+            _seminmf._CONVERGENCE_WINDOW["hals"] = 10
+
+        def __exit__(self, *exc):
+            _seminmf._CONVERGENCE_WINDOW.update(self.saved)
+
+    return Rule()
+
+
+def part1(quick: bool, repeats: int) -> dict:
+    """The default fit, end to end, against the original rule; and the pipeline's default model (NMF)."""
+    from perturbnmf import NMF, SemiNMF
+
+    n_cells, k = SIZES[quick]["part1"], K_SYNTH
+    banner(f"Part 1 - the default fit, end to end: {n_cells:,} cells x {N_GENES:,} genes, k = {k}")
     report_machine_load("part 1")
     gen_s, X = timed(lambda: make_synthetic_csr(n_cells))
     print(f"  data: {X.shape[0]:,} x {X.shape[1]:,} float32 CSR, nnz = {X.nnz:,} "
           f"({X.nnz / (X.shape[0] * X.shape[1]):.1%}), CSR size {fmt_gb(csr_nbytes(X))}, generated in {fmt_s(gen_s)}")
-
-    # --- original rule: dense float64, MU, random start, 100 iterations -------------------
     dens_s, Xd = timed(lambda: X.toarray().astype(np.float64))
     print(f"  densified to float64 ({fmt_gb(Xd.nbytes)}) in {fmt_s(dens_s)} (not counted in the fit time)", flush=True)
-
-    def fit_mu():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return SemiNMF(k, solver="mu", init="random", dtype="float64", max_iter=100, tol=1e-12,
-                           random_state=0).fit(Xd)
-
-    mu_s, mu_times, mu = timed_repeats(fit_mu, repeats)
-    f_mu = float(mu.objective_[-1])
-    print(f"  original rule fit: {fmt_s(mu_s)} ({n_runs(mu_times)}), {mu.n_iter_} iterations, "
-          f"objective {fmt_obj(f_mu)}", flush=True)
+    mu_s, mu_times, mu = timed_repeats(lambda: fit_quietly(
+        SemiNMF(k, solver="mu", init="random", dtype="float64", max_iter=100, tol=1e-12, random_state=0), Xd), repeats)
     del Xd
     gc.collect()
+    f_mu = float(mu.objective_[-1])
+    print(f"  original rule: {fmt_s(mu_s)} ({n_runs(mu_times)}), 100 iterations, objective {fmt_obj(f_mu)}", flush=True)
+    rows = {"original": {"seconds": mu_s, "times": mu_times, "n_iter": mu.n_iter_, "objective": f_mu}}
+    for name, make in (("seminmf", lambda: SemiNMF(k, random_state=0)), ("nmf", lambda: NMF(k, random_state=0))):
+        med, times, model = timed_repeats(lambda: fit_quietly(make(), X), repeats, always_repeat=True)
+        with previous_rule():
+            old_s, old_times, old = timed_repeats(lambda: fit_quietly(make(), X), 1)
+        rows[name] = {"seconds": med, "times": times, "n_iter": model.n_iter_, "objective": float(model.objective_[-1]),
+                      "converged": bool(model.converged_), "first_reaching": first_reaching(model.objective_, f_mu),
+                      "previous_rule": {"seconds": old_s, "n_iter": old.n_iter_,
+                                        "objective": float(old.objective_[-1])}}
+        print(f"  {name} default: {fmt_s(med)} ({n_runs(times)}), {model.n_iter_} iterations, objective "
+              f"{fmt_obj(rows[name]['objective'])}; previous rule: {fmt_s(old_s)}, {old.n_iter_} iterations, "
+              f"objective {fmt_obj(rows[name]['previous_rule']['objective'])}", flush=True)
+    report_part1(rows, f_mu)
+    ratio = mu_s / rows["seminmf"]["seconds"]
+    return {"n_cells": n_cells, "mu_s": mu_s, "f_mu": f_mu, "rows": rows, "ratio": ratio,
+            "no_worse": bool(rows["seminmf"]["objective"] <= f_mu), "dens_s": dens_s}
 
-    # --- default solver: probe for t*, then time a fit of exactly t* iterations -----------
-    def run_default(init: str, max_iter: int):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return SemiNMF(k, init=init, random_state=0, max_iter=max_iter, tol=1e-12).fit(X)
 
-    default_init = SemiNMF().init  # the estimator's own default start is the headline
-    inits = (default_init,) + tuple(i for i in ("random", "svd") if i != default_init)
-    results = {}
-    for init in inits:
-        probe_s, probe = timed(lambda: run_default(init, 200))
-        t_star = first_reaching(probe.objective_, f_mu)
-        row = {"init": init, "probe_s": probe_s, "probe_iter": probe.n_iter_, "t_star": t_star,
-               "probe_final": float(probe.objective_[-1])}
-        print(f"  default solver, init={init!r}: probe of {probe.n_iter_} iterations in {fmt_s(probe_s)}; "
-              f"first iteration with objective <= original's: {t_star if t_star else 'not reached'}", flush=True)
-        if t_star is not None:
-            med, times, model = timed_repeats(lambda: run_default(init, t_star), repeats, always_repeat=True)
-            row.update(seconds=med, times=times, objective=float(model.objective_[-1]), n_iter=model.n_iter_,
-                       no_worse=bool(model.objective_[-1] <= f_mu),
-                       matches_probe=bool(np.isclose(model.objective_[-1], probe.objective_[t_star - 1],
-                                                     rtol=1e-10, atol=0)))
-            # per-iteration time: difference of two end-to-end fits with the same start and finish
-            if probe.n_iter_ > t_star:
-                row["per_iter_s"] = (probe_s - med) / (probe.n_iter_ - t_star)
-            else:
-                row["per_iter_s"] = med / max(t_star, 1)
-        results[init] = row
-
-    # --- report --------------------------------------------------------------------------
+def report_part1(rows: dict, f_mu: float) -> None:
     print()
-    rows = [["original (mu, random start, dense float64)", fmt_s(mu_s), n_runs(mu_times), mu.n_iter_,
-             fmt_obj(f_mu), "-", fmt_s(mu_s / mu.n_iter_), "1.0x"]]
-    for init in inits:
-        r = results[init]
-        label = f"default (hals, init={init}, CSR float32)" + (" [default]" if init == default_init else "")
-        if r["t_star"] is None:
-            rows.append([label, "not reached in 200 it.", "-", r["probe_iter"], fmt_obj(r["probe_final"]), "no",
-                         "-", "-"])
-        else:
-            rows.append([label, fmt_s(r["seconds"]), n_runs(r["times"]), r["n_iter"], fmt_obj(r["objective"]),
-                         "yes" if r["no_worse"] else "NO", fmt_s(r["per_iter_s"]), f"{mu_s / r['seconds']:.1f}x"])
-    print_table(["fit", "wall time", "timing", "iter.", "final objective", "no worse", "per iter.", "speed-up"],
-                rows)
-    print("  Default-solver times are end to end (validation, SVD or random start, iterations, reconstruction")
-    print("  error); its per-iteration time = (probe time - timed fit time) / (probe iterations - t*).")
-    print(f"  Original per-iteration time = fit time / {mu.n_iter_}; the densification ({fmt_s(dens_s)}) is excluded.")
-    d = results[default_init]
-    if d["t_star"] is not None:
-        print(f"  objective no worse: {'yes' if d['no_worse'] else 'no'}  "
-              f"(default {fmt_obj(d['objective'])} <= original {fmt_obj(f_mu)}; "
-              f"timed fit reproduces the probe's objective at t*: {'yes' if d['matches_probe'] else 'no'})")
-        ratio = mu_s / d["seconds"]
-        print(f"  speed-up at equal quality: {ratio:.1f}x (target >= 10x: {'met' if ratio >= 10 else 'NOT met'})")
-    else:
-        ratio = None
-        print("  objective no worse: no (default solver did not reach the original's objective in 200 iterations)")
-    return {"n_cells": n_cells, "mu_s": mu_s, "f_mu": f_mu, "default": d, "random": results["random"],
-            "ratio": ratio, "dens_s": dens_s}
+    o = rows["original"]
+    table = [["original rule (mu, random start, 100 iterations, dense float64)", fmt_s(o["seconds"]),
+              n_runs(o["times"]), o["n_iter"], fmt_obj(o["objective"]), "-", "1.0x"]]
+    for name, label in (("seminmf", "SemiNMF(k).fit(X): defaults (hals, init auto, CSR float32)"),
+                        ("nmf", "NMF(k).fit(X): defaults, the pipeline's model")):
+        r = rows[name]
+        same_model = name == "seminmf"
+        table.append([label, fmt_s(r["seconds"]), n_runs(r["times"]), r["n_iter"], fmt_obj(r["objective"]),
+                      ("yes" if r["objective"] <= f_mu else "NO") if same_model else "other model",
+                      f"{o['seconds'] / r['seconds']:.1f}x"])
+        p = r["previous_rule"]
+        table.append([f"  same, stopping rule before issue 11 (hals over 10 iterations)", fmt_s(p["seconds"]), "1 run",
+                      p["n_iter"], fmt_obj(p["objective"]), "-", f"{o['seconds'] / p['seconds']:.1f}x"])
+    print_table(["fit", "wall time", "timing", "iter.", "final objective", "no worse", "vs original"], table)
+    print("  Times are end to end: validation, start (init auto: a fit on a tenth of the cells from 50,000 cells),")
+    print("  iterations until the stopping rule, reconstruction error. The densification is excluded.")
+    s = rows["seminmf"]
+    ratio = o["seconds"] / s["seconds"]
+    print(f"  default semi-NMF vs original rule: {ratio:.1f}x faster (target >= 10x: {'met' if ratio >= 10 else 'NOT met'}),"
+          f" objective no worse: {'yes' if s['objective'] <= f_mu else 'NO'} ({fmt_obj(s['objective'])} vs "
+          f"{fmt_obj(f_mu)}); it first reached the original's objective at iteration {s['first_reaching']}.")
+    n = rows["nmf"]
+    print(f"  default NMF: {n['previous_rule']['seconds'] / n['seconds']:.1f}x faster than under the previous rule, "
+          f"objective {(n['objective'] / n['previous_rule']['objective'] - 1):+.2e} relative to it.")
 
 
 # --------------------------------------------------------------------------
@@ -634,14 +631,10 @@ def print_summary(out: dict, quick: bool) -> None:
     banner("Summary" + (" (QUICK mode: reduced sizes, not the headline figures)" if quick else ""))
     p1 = out.get("part1")
     if p1:
-        d = p1["default"]
-        if p1["ratio"] is not None:
-            print(f"- Part 1 ({p1['n_cells']:,} x {N_GENES:,}, ~20% non-zero, k = {K_SYNTH}): the default solver "
-                  f"reaches the original rule's 100-iteration objective in {d['n_iter']} iterations and "
-                  f"{fmt_s(d['seconds'])}, vs {fmt_s(p1['mu_s'])} for the original (dense float64 MU) — "
-                  f"{p1['ratio']:.1f}x faster, objective no worse: {'yes' if d['no_worse'] else 'no'}.")
-        else:
-            print(f"- Part 1: the default solver did not reach the original's objective within 200 iterations.")
+        s = p1["rows"]["seminmf"]
+        print(f"- Part 1 ({p1['n_cells']:,} x {N_GENES:,}, ~20% non-zero, k = {K_SYNTH}): SemiNMF(k).fit(X) with "
+              f"defaults takes {fmt_s(s['seconds'])} ({s['n_iter']} iterations) vs {fmt_s(p1['mu_s'])} for the "
+              f"original rule — {p1['ratio']:.1f}x faster, objective no worse: {'yes' if p1['no_worse'] else 'no'}.")
     p2 = out.get("part2")
     if p2:
         if "skipped" in p2:

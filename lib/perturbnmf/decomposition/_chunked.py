@@ -204,7 +204,8 @@ def fit_chunked(X, n_components, *, nonnegative_h=True, W=None, covariates=None,
         Known, fixed non-negative usage (e.g. batch indicators), rechunked like X.
     max_iter : int, default=500
     tol : float, default=1e-4
-        Stop when the objective fell by less than ``tol`` (relative) over the last 10 iterations.
+        Stop when the objective fell by less than ``tol`` (relative) in the last iteration (the HALS rule
+        of :func:`~perturbnmf.decomposition._seminmf._stopping_rule`).
     random_state : None, int or numpy.random.SeedSequence
         Seed of the random start and of re-seeded components (spawned per chunk).
     verbose : int, default=0

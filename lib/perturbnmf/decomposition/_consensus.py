@@ -49,6 +49,11 @@ __all__ = ["MODELS", "ConsensusSweep", "consensus_sweep", "holdout_error", "refi
 MODELS = {"nmf": NMF, "seminmf": SemiNMF}
 #: Progress (each restart, each k's consensus) goes to this logger at level INFO.
 LOG = logging.getLogger("perturbnmf")
+#: Stopping tolerance of the restarts (one iteration's relative objective decrease), ten times tighter
+#: than a single fit's default: stability compares the restarts' programs, which keep moving after
+#: the objective has flattened. Measured on the Papalexi screen: at 1e-4 the stability of k = 10 fell
+#: from 0.79 to 0.60 and the suggested k from 10 to 5; at 1e-5 both are as with a 10-iteration window.
+SWEEP_TOL = 1e-5
 #: Below this silhouette the report warns that restarts disagree.
 LOW_STABILITY = 0.5
 
@@ -514,7 +519,7 @@ def consensus_sweep(
     solver: str = "hals",
     init: str = "random",
     max_iter: int = 500,
-    tol: float = 1e-4,
+    tol: float = SWEEP_TOL,
     alpha_W: float = 0.0,
     l1_ratio: float = 0.0,
     density_threshold: float | None = 0.5,

@@ -31,9 +31,9 @@ Pattern Analysis and Machine Intelligence 32(1):45-55:
    that this update does not increase the objective, and it keeps ``W >= 0``.
 
 The pair (H step, W step) is iterated until the relative decrease of the
-objective over the last 10 iterations falls below ``tol`` (a one-step test
-stops on the plateaus multiplicative updates cross) or ``max_iter``
-iterations have run.
+objective falls below ``tol`` — over the last iteration for HALS, over the
+last 10 for the multiplicative rule (a one-step test stops it on the plateaus
+multiplicative updates cross) — or ``max_iter`` iterations have run.
 
 Sparse input is never densified as a whole: only the products ``X @ H.T`` and
 ``X.T @ W`` are formed, and the objective is evaluated as::
@@ -487,6 +487,60 @@ def _reseed_rng(random_state):
     return np.random.default_rng(None if random_state is None else [int(random_state), 1])
 
 
+#: From this many cells on, ``init="auto"`` starts from the programs of a fit on a subsample of the cells.
+SUBSAMPLE_START_MIN_CELLS = 50_000
+#: The subsample start fits this share of the cells (at least ``_SUBSAMPLE_START_MIN_ROWS``) first.
+_SUBSAMPLE_START_FRACTION = 0.1
+_SUBSAMPLE_START_MIN_ROWS = 10_000
+
+
+def _subsample_rng(random_state):
+    """Generator of the subsample start: a stream apart from the initialisation's and the re-seeding's."""
+    if isinstance(random_state, np.random.Generator):
+        return random_state
+    if isinstance(random_state, np.random.RandomState):
+        return np.random.default_rng(random_state.randint(2**31))
+    return np.random.default_rng(None if random_state is None else [int(random_state), 2])
+
+
+def _subsample_start(estimator, X, covariates, random_state):
+    """Initial usage of every cell from the programs of a fit on a random tenth of the cells.
+
+    An iteration's cost grows with the cells, but far fewer cells pin the programs down: the
+    subsample fit (random start, the estimator's own stopping rule) costs about a tenth of an
+    iteration per iteration, and one pass over all cells then gives each cell its usage for those
+    programs (least squares, clipped at 0). From there the full fit needs a few iterations.
+
+    Parameters
+    ----------
+    estimator : SemiNMF or NMF
+        Its parameters are used for the subsample fit (``init="random"``).
+    X : ndarray or CSR matrix of shape (n_samples, n_features)
+    covariates : ndarray of shape (n_samples, b) or None
+    random_state : None, int, Generator or RandomState
+
+    Returns
+    -------
+    W : ndarray of shape (n_samples, n_components), non-negative
+    """
+    from sklearn.base import clone
+
+    rng = _subsample_rng(random_state)
+    n = X.shape[0]
+    rows = np.sort(rng.choice(n, min(n, max(_SUBSAMPLE_START_MIN_ROWS, int(_SUBSAMPLE_START_FRACTION * n))),
+                              replace=False))
+    sub = clone(estimator).set_params(init="random", random_state=int(rng.integers(2**31)), verbose=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a start: the full fit decides convergence
+        sub.fit(X[rows], covariates=None if covariates is None else covariates[rows])
+    H = sub.components_
+    XHt = _safe_X_Ht(X, H)
+    if covariates is not None:  # the covariates' share of X is known: remove it before solving for usage
+        XHt -= covariates @ (sub.covariate_components_ @ H.T)
+    W = scipy.linalg.lstsq(H @ H.T, XHt.T)[0].T
+    return np.maximum(W, 0.0)
+
+
 def _initialize(X, n_components, init, random_state, *, W=None, H=None, nonnegative_h=False, covariates=None):
     """Initial factors.
 
@@ -769,15 +823,22 @@ def _warn_dead(dead, already, iteration):
         )
 
 
-#: Iterations over which the relative objective decrease is compared with ``tol``.
-_CONVERGENCE_WINDOW = 10
+#: Iterations over which the relative objective decrease is compared with ``tol``, per solver.
+#: HALS minimises each block exactly, so the objective falls every iteration and one iteration
+#: tells whether the next pays; multiplicative updates cross plateaus (saddle regions) where a
+#: single step changes the objective by less than 1e-4 before they speed up again, so MU is judged
+#: over 10 iterations.
+_CONVERGENCE_WINDOW = {"hals": 1, "mu": 10}
+#: Fewest iterations before the stopping rule may stop a fit.
+_MIN_ITER = 3
 
 
-def _stopping_rule(trace, initial_objective, tol):
+def _stopping_rule(trace, initial_objective, tol, solver="hals"):
     """The fit's stopping rule, shared by :func:`_fit_loop` and the chunked fit.
 
-    ``(f[t - w] - f[t]) / f[t - w] < tol`` with ``w = _CONVERGENCE_WINDOW`` (the initial objective
-    stands in for ``f[t - w]`` in the first ``w`` iterations), and at least ``w`` iterations run.
+    ``(f[t - w] - f[t]) / f[t - w] < tol`` with ``w = _CONVERGENCE_WINDOW[solver]`` (the initial
+    objective stands in for ``f[t - w]`` in the first ``w`` iterations), once at least
+    ``max(w, _MIN_ITER)`` iterations have run.
 
     Parameters
     ----------
@@ -785,6 +846,7 @@ def _stopping_rule(trace, initial_objective, tol):
         Objective after each iteration so far (``trace[-1]`` is the current one).
     initial_objective : float
     tol : float
+    solver : {"hals", "mu"}
 
     Returns
     -------
@@ -792,18 +854,17 @@ def _stopping_rule(trace, initial_objective, tol):
         The relative decrease over the window.
     stop : bool
     """
-    reference = trace[-1 - _CONVERGENCE_WINDOW] if len(trace) > _CONVERGENCE_WINDOW else initial_objective
+    window = _CONVERGENCE_WINDOW[solver]
+    reference = trace[-1 - window] if len(trace) > window else initial_objective
     rel_change = (reference - trace[-1]) / max(reference, _TINY)
-    return rel_change, bool(rel_change < tol and len(trace) >= _CONVERGENCE_WINDOW)
+    return rel_change, bool(rel_change < tol and len(trace) >= max(window, _MIN_ITER))
 
 
 def _fit_loop(X, W, H, *, solver, max_iter, tol, rng, verbose=0, nonnegative_h=False, l1=0.0, l2=0.0, n_fixed=0):
     """Iterate a solver until the relative objective decrease is below ``tol``.
 
-    The decrease is measured over the last ``_CONVERGENCE_WINDOW`` iterations,
-    ``(f[t - w] - f[t]) / f[t - w] < tol``: multiplicative updates cross plateaus
-    (saddle regions) where a single step changes the objective by less than 1e-4
-    and then speed up again; a one-step test stops there, far from a minimum.
+    The decrease is measured by :func:`_stopping_rule`: over the last iteration for HALS, over
+    the last 10 for the multiplicative rule (which crosses plateaus).
 
     Parameters
     ----------
@@ -867,7 +928,7 @@ def _fit_loop(X, W, H, *, solver, max_iter, tol, rng, verbose=0, nonnegative_h=F
         f = _objective(X, W, H, norm_X_sq=norm_X_sq, XHt=XHt, HHt=HHt) + penalty(W)
         trace.append(f)
         _warn_dead(_dead_components(W[:, :n_free]), dead_warned, it)
-        rel_change, stop = _stopping_rule(trace, initial_objective, tol)
+        rel_change, stop = _stopping_rule(trace, initial_objective, tol, solver)
         if verbose and (it % 10 == 0 or it == 1):
             print(
                 f"SemiNMF iteration {it:5d}: objective {f:.6e}, relative change "
@@ -1075,10 +1136,15 @@ class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         over X (Gillis & Kumar 2015; Gillis & Glineur 2012); dead components are
         re-seeded. ``"mu"``: least-squares H step + the Ding-Li-Jordan
         multiplicative W step, the rule of the original analysis.
-    init : {"random", "svd", "custom"}, default="random"
+    init : {"auto", "random", "subsample", "svd", "custom"}, default="auto"
+        ``"auto"``: ``"subsample"`` from ``SUBSAMPLE_START_MIN_CELLS`` (50,000) cells on,
+        else ``"random"``.
         ``"random"``: ``W`` uniform on (0, 1] scaled by ``sqrt(mean|X| / k)`` (as
         the original analysis; with HALS it reaches a given objective sooner than
         the SVD start on 100,000 × 2,000 cells × genes, see benchmarks/);
+        ``"subsample"``: the programs of a fit (random start) on a random tenth of the
+        cells (at least 10,000), every cell's usage for them by clipped least squares —
+        fewer passes over all cells (see :func:`_subsample_start`);
         ``"svd"``: the Gillis & Kumar (2015) start from a randomized rank-(k-1)
         SVD (never worse than that SVD, deterministic up to the SVD's sketch);
         ``"custom"``: use the ``W`` passed to :meth:`fit_transform`.  The first
@@ -1087,8 +1153,10 @@ class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     max_iter : int, default=500
         Maximum number of iterations (one iteration = one H step + one W step).
     tol : float, default=1e-4
-        Stop when the objective ``f`` decreased by less than ``tol`` (relative)
-        over the last 10 iterations: ``(f[t-10] - f[t]) / f[t-10] < tol``.
+        Stop when the objective ``f`` decreased by less than ``tol`` (relative) in the
+        last iteration (``"hals"``: each block is minimised exactly, so the objective
+        falls every iteration) or over the last 10 (``"mu"``, which crosses plateaus):
+        ``(f[t-w] - f[t]) / f[t-w] < tol``, after at least 3 iterations.
     dtype : {"auto", "float32", "float64"}, default="auto"
         Precision in which X is read: ``"auto"`` reads a sparse X as float32 for
         ``"hals"`` (half the memory traffic; products and objective accumulate in
@@ -1138,7 +1206,7 @@ class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     _parameter_constraints: dict = {
         "n_components": [Interval(Integral, 1, None, closed="left")],
         "solver": [StrOptions(set(_SOLVERS))],
-        "init": [StrOptions({"svd", "random", "custom"})],
+        "init": [StrOptions({"auto", "random", "subsample", "svd", "custom"})],
         "dtype": [StrOptions({"auto", "float32", "float64"})],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="neither")],
@@ -1156,7 +1224,7 @@ class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         n_components=10,
         *,
         solver="hals",
-        init="random",
+        init="auto",
         max_iter=500,
         tol=1e-4,
         dtype="auto",
@@ -1300,7 +1368,10 @@ class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         Z = self._check_covariates(X, covariates)
         if Z is not None and self.solver != "hals":
             raise ValueError(f"covariates need solver='hals' (got solver={self.solver!r}).")
-        if self.init == "custom":
+        init = self.init
+        if init == "auto":
+            init = "subsample" if X.shape[0] >= SUBSAMPLE_START_MIN_CELLS else "random"
+        if init == "custom":
             W, H = self._check_custom_init(X, W, H)
         elif W is not None or H is not None:
             warnings.warn(
@@ -1312,7 +1383,9 @@ class SemiNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         # With a sparse X the compiled kernels do the heavy work on all cores; the BLAS calls
         # left are k x k, and idle BLAS threads spinning beside the kernels' threads cost ~30 %.
         with threadpool_limits(1 if sp.issparse(X) else None, user_api="blas"):
-            W0, H0 = _initialize(X, self.n_components, self.init, self.random_state, W=W, H=H,
+            if init == "subsample":
+                init, W = "custom", _subsample_start(self, X, Z, self.random_state)
+            W0, H0 = _initialize(X, self.n_components, init, self.random_state, W=W, H=H,
                                  nonnegative_h=self._nonnegative_components, covariates=Z)
             W, H, n_iter, f0, trace, converged, rel_change, n_reseeded = _fit_loop(
                 X, W0, H0, solver=self.solver, max_iter=self.max_iter, tol=self.tol,

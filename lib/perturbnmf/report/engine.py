@@ -11,7 +11,8 @@ The parameter ``cluster`` chooses:
 ``run_all.py`` starts the local cluster once for the four steps (:func:`cluster_for_run`) and
 tells the notebooks its address through the environment; a notebook run on its own in Jupyter
 starts its own (:func:`start_step`). While a step runs, run_all.py echoes the progress its kernel
-logs (logger ``perturbnmf``: per k, per restart, per chunk) on the console (:func:`echo_progress`). The compute layers never create clients: they use Dask
+logs (logger ``perturbnmf``: per k, per restart, per chunk) on the console (:func:`echo_progress`).
+The compute layers never create clients: they use Dask
 arrays and whichever scheduler is active.
 """
 
@@ -29,8 +30,8 @@ from pathlib import Path
 from ..errors import ParameterError
 from ..pp import available_memory, format_bytes
 
-__all__ = ["SCHEDULER_ENV", "PROGRESS_ENV", "local_cluster", "check_reachable", "cluster_for_run", "start_step", "echo_progress",
-           "describe"]
+__all__ = ["SCHEDULER_ENV", "PROGRESS_ENV", "local_cluster", "check_reachable", "cluster_for_run", "start_step",
+           "echo_progress", "describe"]
 
 #: The address of the cluster run_all.py started for this run (read by the notebooks' kernels).
 SCHEDULER_ENV = "PERTURBNMF_DASK_SCHEDULER"

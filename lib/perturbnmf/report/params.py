@@ -212,7 +212,8 @@ SCHEMA: tuple[Parameter, ...] = (
       "other restarts are outliers, left out of the consensus (cNMF's filter); None keeps all", (_FAC,),
       _between(0, 2, closed_low=False, note=" (a distance between unit vectors; 2 keeps every restart program)")),
     P("max_iter", "int", 500, "maximum iterations per fit", (_FAC,), _positive_int),
-    P("tol", "float", 0.0001, "stop when the objective fell by less than this (relative) over 10 iterations", (_FAC,),
+    P("tol", "float", 1e-05, "a restart stops when an iteration lowers the objective by less than this (relative; "
+      "over 10 iterations for solver mu)", (_FAC,),
       _positive_float),
     P("holdout_fraction", "float", 0.1, "share of cells held out to measure the error on cells the programs never saw",
       (_FAC,), _between(0, 0.5)),
