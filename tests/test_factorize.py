@@ -108,3 +108,23 @@ def test_nmf_shows_lowered_genes_as_negative_scores():
     first = scores.iloc[:10].mean().idxmax()  # the program that raises genes 0-9
     assert (tl.loadings(a).to_numpy() >= 0).all()
     assert (scores[first].iloc[10:20] < 0).all() and (scores[first].iloc[:10] > 0).all()
+
+
+def test_a_sweep_on_a_subsample_finds_the_programs_of_the_sweep_on_all_cells():
+    rng = np.random.default_rng(5)
+    n, k = 1600, 4
+    W = np.zeros((n, k))
+    W[np.arange(n), rng.integers(0, k, n)] = rng.gamma(4.0, 1.0, n)
+    H = rng.gamma(1.0, 1.0, (k, 60)) * (rng.random((k, 60)) < 0.5)
+    X = sp.csr_matrix(np.maximum(W @ H + 0.3 * rng.normal(size=(n, 60)), 0))
+    obs = pd.DataFrame({"perturbation": np.repeat(["ctrl", "A", "B", "C"], 400)}, index=[f"c{i}" for i in range(n)])
+    truth = H / np.linalg.norm(H, axis=1, keepdims=True)
+    recovered = {}
+    for max_cells in (None, 600):
+        a = ad.AnnData(X=X, obs=obs)
+        tl.factorize(a, [4], n_restarts=2, seed=0, n_jobs=1, max_iter=300, sweep_max_cells=max_cells)
+        assert a.uns["snmf"]["params"]["n_sweep_cells"] == (n if max_cells is None else max_cells)
+        assert a.obsm["X_snmf"].shape == (n, k)  # usage of every cell
+        recovered[max_cells] = (truth @ tl.loadings(a).to_numpy()).max(axis=1)  # best cosine per planted program
+    assert recovered[600].min() > 0.97 and recovered[None].min() > 0.97
+    np.testing.assert_allclose(recovered[600], recovered[None], atol=0.01)  # as good as the sweep on all cells

@@ -215,6 +215,8 @@ SCHEMA: tuple[Parameter, ...] = (
     P("tol", "float", 1e-05, "a restart stops when an iteration lowers the objective by less than this (relative; "
       "over 10 iterations for solver mu)", (_FAC,),
       _positive_float),
+    P("sweep_max_cells", "int | None", 50000, "the k sweep learns from a random subsample of at most this many cells "
+      "(the kept k's programs are then fitted on all cells); None: all cells", (_FAC,), _positive_int),
     P("holdout_fraction", "float", 0.1, "share of cells held out to measure the error on cells the programs never saw",
       (_FAC,), _between(0, 0.5)),
     P("n_jobs", "int | None", None, "parallel worker processes for the restarts; None: all cores", (_FAC,),

@@ -31,9 +31,15 @@ import scipy.sparse as sp
 from scipy.optimize import linear_sum_assignment
 
 from ..decomposition._seminmf import _safe_Wt_X
-from ..decomposition._consensus import (SWEEP_TOL, ConsensusSweep, consensus_sweep, refit_usage, relative_error,
-                                        with_covariates)
+from ..decomposition._consensus import (SWEEP_TOL, ConsensusSweep, _polish, consensus_sweep, refit_usage,
+                                        relative_error, with_covariates)
 from ..errors import InputError
+
+#: The k sweep learns from at most this many cells (a random subsample; None: all cells). The sweep
+#: costs n_restarts × len(k_values) fits, each growing with the cells, while the programs, their
+#: stability and the held-out error are settled by far fewer cells; the kept k's consensus programs
+#: are then fitted on all cells.
+SWEEP_MAX_CELLS = 50_000
 
 #: A kept program counts as reproduced on half of the cells when its loadings' cosine with its
 #: learn-half twin reaches this.
@@ -128,6 +134,7 @@ def factorize(
     model: str = "nmf",
     density_threshold: float | None = 0.5,
     batch_key: str | None = None,
+    sweep_max_cells: int | None = SWEEP_MAX_CELLS,
 ) -> ConsensusSweep:
     """Consensus factorisation over a sweep of k on ``X`` (or ``layers[layer]``), all genes (or ``var[mask_var]``).
 
@@ -147,17 +154,23 @@ def factorize(
     cells of a batch share gets its own loadings (``varm['snmf_baseline']``, genes × batches)
     instead of taking programs, so the k programs are the programs (an NMF cannot subtract a
     baseline). Semi-NMF keeps the original analysis's model, without baselines.
+
+    With more than ``sweep_max_cells`` cells the sweep learns from a random subsample of that many
+    (see ``SWEEP_MAX_CELLS``) and the kept k's consensus programs are fitted once more on all cells.
     """
     _check_factorize_options(adata, k_values, k, model, solver, layer, mask_var)
     used = _used_genes(adata, mask_var)
     X = _used_matrix(adata, layer, mask_var)
     _check_k_values(k_values, *X.shape)
     levels, Z = baseline_design(adata, batch_key) if model == "nmf" else ([], None)
-    result = consensus_sweep(X, k_values, model=model, n_restarts=n_restarts, solver=solver, max_iter=max_iter,
-                             tol=tol, density_threshold=density_threshold, covariates=Z,
+    cells = _sweep_cells(X.shape[0], sweep_max_cells, seed)
+    result = consensus_sweep(_rows(X, cells), k_values, model=model, n_restarts=n_restarts, solver=solver,
+                             max_iter=max_iter, tol=tol, density_threshold=density_threshold, covariates=_rows(Z, cells),
                              holdout_fraction=holdout_fraction, random_state=seed, n_jobs=n_jobs)
     chosen = result.suggested_k if k is None else k
     H, H_baseline = result.components[chosen], result.covariate_components[chosen]
+    if cells is not None:  # the consensus programs, fitted on all cells
+        _, H, H_baseline = _polish(X, H, H_baseline, Z, model, solver, max_iter, tol, random_state=seed)
     W, H, order = normalize_factors(refit_usage(X, H, Z, H_baseline), H)
     _store_factors(adata, used, W, H, regression_scores(X, W), None if Z is None else H_baseline)
     table = result.table
@@ -175,10 +188,24 @@ def factorize(
                    "density_threshold": None if density_threshold is None else float(density_threshold),
                    "holdout_fraction": float(holdout_fraction), "layer": layer, "mask_var": mask_var,
                    "n_genes": int(used.sum()), "n_cells": int(adata.n_obs),
+                   "sweep_max_cells": sweep_max_cells, "n_sweep_cells": int(X.shape[0] if cells is None else len(cells)),
                    "n_jobs": int(table.attrs.get("n_jobs", 1)),
                    "sweep_seconds": float(table.attrs.get("wall_seconds", np.nan))},
     }
     return result
+
+
+def _sweep_cells(n_cells: int, max_cells: int | None, seed: int) -> np.ndarray | None:
+    """The cells the k sweep learns from: None (all of them) up to ``max_cells``, else a random
+    subsample of ``max_cells`` (sorted indices, drawn from ``seed``)."""
+    if max_cells is None or n_cells <= max_cells:
+        return None
+    return np.sort(np.random.default_rng([seed, 3]).choice(n_cells, max_cells, replace=False))
+
+
+def _rows(matrix, cells: np.ndarray | None):
+    """``matrix[cells]`` (None stays None; ``cells=None`` keeps every row)."""
+    return matrix if matrix is None or cells is None else matrix[cells]
 
 
 def _check_factorize_options(adata: ad.AnnData, k_values: list[int], k: int | None, model: str, solver: str,
@@ -324,15 +351,22 @@ def split_half(adata: ad.AnnData, groups_key: str, n_restarts: int = 5, solver: 
     for label in np.unique(labels):
         cells = rng.permutation(np.flatnonzero(labels == label))
         learn[cells[: (len(cells) + 1) // 2]] = True
-    # the same consensus procedure as the kept model, on the learn half alone
+    # the same consensus procedure as the kept model (restarts on at most sweep_max_cells cells, then
+    # fitted on all of them), on the learn half alone
     baseline = info.get("baseline") or {}
     Z = baseline_design(adata, baseline["batch_key"])[1] if baseline else None
-    learned = consensus_sweep(X[learn], [info["k"]], model=info.get("model", "seminmf"), n_restarts=n_restarts,
+    model = info.get("model", "seminmf")
+    X_learn, Z_learn = X[learn], _rows(Z, np.flatnonzero(learn))
+    cells = _sweep_cells(X_learn.shape[0], info["params"].get("sweep_max_cells"), seed)
+    learned = consensus_sweep(_rows(X_learn, cells), [info["k"]], model=model, n_restarts=n_restarts,
                               solver=solver, max_iter=max_iter, tol=tol,
                               density_threshold=info["params"].get("density_threshold"),
-                              covariates=None if Z is None else Z[learn], holdout_fraction=0.0,
+                              covariates=_rows(Z_learn, cells), holdout_fraction=0.0,
                               random_state=seed, n_jobs=n_jobs, progress=False)
     H_learn, H_baseline = learned.components[info["k"]], learned.covariate_components[info["k"]]
+    if cells is not None:
+        _, H_learn, H_baseline = _polish(X_learn, H_learn, H_baseline, Z_learn, model, solver, max_iter, tol,
+                                         random_state=seed)
     H_kept = adata.varm["snmf_loadings"][_used_genes(adata, mask_var)].T
     cosine = H_kept @ H_learn.T  # kept rows are unit norm
     _, twin = linear_sum_assignment(cosine, maximize=True)  # square: rows come back as 0..k-1

@@ -49,8 +49,13 @@ def model_name(info: dict) -> str:
 def show_k_selection(adata, k_table: pd.DataFrame) -> None:
     """The sweep table, the rule that suggested k and the k-selection plot."""
     info = adata.uns["snmf"]
+    params = info["params"]
+    n_sweep = params.get("n_sweep_cells", params["n_cells"])
+    cells = ("the cells" if n_sweep == params["n_cells"] else
+             f"a random {n_sweep:,} of the {params['n_cells']:,} cells (parameter sweep_max_cells; the kept k's "
+             "programs were then fitted on all cells)")
     html.table(k_table, f"Per k, {info['n_restarts']} {model_name(info)} restarts ({info['solver']} solver) on "
-                 f"{1 - info['params']['holdout_fraction']:.0%} of the cells: relative error of the consensus model "
+                 f"{1 - params['holdout_fraction']:.0%} of {cells}: relative error of the consensus model "
                  "on those cells and on the held-out cells (each held-out cell's usage fitted on half of the genes "
                  "predicts the other half), of the best single restart, stability (silhouette of all restarts' "
                  "unit-norm programs grouped into k consensus programs; 1 = every restart finds the same programs), "
