@@ -3,11 +3,13 @@
 A two-worker ``LocalCluster`` (processes, one thread each) stands in for a user's cluster.
 """
 
+import json
 import logging
 import os
 import subprocess
+import sys
+import time
 
-import numpy as np
 import pytest
 from numpy.testing import assert_array_equal
 
@@ -15,6 +17,7 @@ from perturbnmf.decomposition import consensus_sweep
 from perturbnmf.decomposition._parallel import Mapped, active_client, executor
 from perturbnmf.errors import ParameterError
 from perturbnmf.report import engine
+from conftest import run_pipeline, tiny_params
 from test_consensus import planted_screen
 
 distributed = pytest.importorskip("distributed")
@@ -76,3 +79,62 @@ def test_the_runs_local_cluster_is_exported_then_closed():
     with pytest.raises(OSError):
         with distributed.Client(address, timeout=1):
             pass
+
+
+# --- the whole pipeline on a cluster -----------------------------------------------------------
+
+def _hits(run_root):
+    import pandas as pd
+
+    return pd.read_csv(run_root / "data" / "perturbation_hits.csv").sort_values(["perturbation", "program"])
+
+
+@pytest.mark.slow
+def test_the_pipeline_on_a_local_cluster_gives_the_in_process_results(tmp_path, tiny_run):
+    in_process_run = tiny_run[0]
+    result = run_pipeline(tmp_path, **tiny_params(tmp_path, cluster="local"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and "ERROR" not in result.stderr  # a clean console
+    assert "restart 1 of" in result.stdout  # progress of the restarts, echoed from the kernel
+    for name in ("k_sweep.csv", "program_contrasts.csv"):
+        on_cluster = (tmp_path / "run" / "data" / name).read_text()
+        assert on_cluster.split("\n")[0] == (in_process_run / "data" / name).read_text().split("\n")[0]
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(_hits(tmp_path / "run"), _hits(in_process_run))
+
+
+@pytest.mark.slow
+def test_the_pipeline_runs_against_a_scheduler_and_workers_started_apart(tmp_path, tiny_run):
+    """`dask scheduler` and `dask worker` as separate processes, as on a user's cluster."""
+    in_process_run = tiny_run[0]
+    scheduler_file = tmp_path / "scheduler.json"
+    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+    scheduler = subprocess.Popen(dask + ["--scheduler-file", str(scheduler_file), "--port", "0",
+                                         "--dashboard-address", ":0"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        address = json.loads(scheduler_file.read_text())["address"]
+        for _ in range(2):
+            workers.append(subprocess.Popen(
+                [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
+                 "--nworkers", "1", "--memory-limit", "2GiB"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ | {"NUMBA_NUM_THREADS": "1"}))
+        with distributed.Client(address, timeout=30) as client:
+            client.wait_for_workers(2, timeout=60)
+        result = run_pipeline(tmp_path, **tiny_params(tmp_path, cluster=address))
+        assert result.returncode == 0, result.stdout + result.stderr
+        import pandas as pd
+
+        pd.testing.assert_frame_equal(_hits(tmp_path / "run"), _hits(in_process_run))
+        table = pd.read_csv(tmp_path / "run" / "data" / "k_sweep.csv")
+        assert len(table) == 3
+    finally:
+        for process in workers + [scheduler]:
+            process.terminate()
+        for process in workers + [scheduler]:
+            process.wait(timeout=30)

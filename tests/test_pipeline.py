@@ -3,8 +3,6 @@ and on the real Papalexi 2021 screen."""
 
 import json
 import re
-import subprocess
-import sys
 
 import anndata as ad
 import nbformat
@@ -12,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_pipeline, tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -21,34 +19,6 @@ DATA_FILES = ["preprocessed.h5ad", "factorized.h5ad", "program_anova.csv", "prog
               "enrichment.csv", "top_genes.csv", "summary.xlsx", "run.json", "k_sweep.csv", "k_selection.json",
               "calibration_null.csv", "calibration.json", "guide_effects.csv", "split_half.csv",
               "program_labels.csv", "perturbation_hits.csv", "prerank.csv"]
-
-
-def run_pipeline(tmp_path, **params):
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return subprocess.run([sys.executable, "run_all.py", str(path)], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=900)
-
-
-def tiny_params(tmp_path, **overrides):
-    inputs = tmp_path / "inputs"
-    params = {
-        "run_name": "tiny", "output_dir": str(tmp_path / "run"), "simulate": True,
-        "simulate_n_cells": 900, "simulate_n_genes": 400,
-        "input": str(inputs / "screen.h5ad"), "gene_sets": [str(inputs / "sets.gmt")],
-        "cell_cycle_genes": str(inputs / "cell_cycle.tsv"), "hvg_n_top_genes": 150,
-        "k_values": [3, 6, 9], "k": 9, "max_iter": 200, "n_top_genes": 20, "prerank": True,
-    }
-    params.update(overrides)
-    return params
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("tiny")
-    result = run_pipeline(tmp_path, **tiny_params(tmp_path))
-    assert result.returncode == 0, result.stdout + result.stderr
-    return tmp_path / "run", result
 
 
 def test_every_output_file_is_written(tiny_run):

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT
-from test_pipeline import tiny_params as pipeline_params
+from conftest import tiny_params as pipeline_params
 
 pytestmark = pytest.mark.slow
 
