@@ -17,9 +17,12 @@ log-normalised expression of the selected genes only.
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
 import re
 import sys
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -33,6 +36,9 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from .errors import InputError, InsufficientMemoryError
+
+#: Progress of the passes over the chunks goes to this logger at level INFO (run_all.py echoes it).
+LOG = logging.getLogger("perturbnmf")
 
 __all__ = [
     "InputError",
@@ -450,8 +456,31 @@ def _per_chunk(X, func: Callable, *args) -> list:
         return [func(X, *args)]
     if X.numblocks[1] != 1:
         X = X.rechunk({1: -1})
-    call = dask.delayed(func, pure=True)
-    return list(dask.compute(*[call(block, *args) for block in X.to_delayed()[:, 0]]))
+    what = _PASSES.get(func.__name__, func.__name__)
+    call = dask.delayed(_counted(func, X.numblocks[0], what), pure=True)
+    results = list(dask.compute(*[call(block, *args) for block in X.to_delayed()[:, 0]]))
+    LOG.info("%s: %d chunks of cells read", what, X.numblocks[0])
+    return results
+
+
+#: What each pass over the chunks computes, as the progress log says it.
+_PASSES = {"_chunk_row_sums": "counts per cell", "_scan_values": "checking the counts", "_qc_chunk": "QC metrics",
+           "_cell_cycle_chunk": "cell-cycle scores", "_gene_stats_chunk": "gene statistics"}
+
+
+def _counted(func: Callable, n_chunks: int, what: str) -> Callable:
+    """``func`` that logs every tenth of the chunks it has done (in this process: Dask's threads)."""
+    done, lock, every = itertools.count(1), threading.Lock(), max(1, n_chunks // 10)
+
+    def run(chunk, *args):
+        result = func(chunk, *args)
+        with lock:
+            i = next(done)
+        if i % every == 0 and i < n_chunks:
+            LOG.info("%s: %d of %d chunks", what, i, n_chunks)
+        return result
+
+    return run
 
 
 def _as_csr(X) -> sp.csr_matrix:

@@ -23,6 +23,8 @@ scaled to unit L2 norm and W absorbs the scale; programs are then ordered by tot
 
 from __future__ import annotations
 
+import logging
+
 import anndata as ad
 import dask.array as da
 import numpy as np
@@ -34,6 +36,9 @@ from ..decomposition._seminmf import _safe_Wt_X
 from ..decomposition._consensus import (SWEEP_TOL, ConsensusSweep, _polish, consensus_sweep, refit_usage,
                                         relative_error, with_covariates)
 from ..errors import InputError
+
+#: Progress goes to this logger at level INFO (run_all.py echoes it).
+LOG = logging.getLogger("perturbnmf")
 
 #: The k sweep learns from at most this many cells (a random subsample; None: all cells). The sweep
 #: costs n_restarts × len(k_values) fits, each growing with the cells, while the programs, their
@@ -164,12 +169,15 @@ def factorize(
     _check_k_values(k_values, *X.shape)
     levels, Z = baseline_design(adata, batch_key) if model == "nmf" else ([], None)
     cells = _sweep_cells(X.shape[0], sweep_max_cells, seed)
+    LOG.info("k sweep on %d of %d cells, k in %s, %d restarts each", X.shape[0] if cells is None else len(cells),
+             X.shape[0], list(k_values), n_restarts)
     result = consensus_sweep(_rows(X, cells), k_values, model=model, n_restarts=n_restarts, solver=solver,
                              max_iter=max_iter, tol=tol, density_threshold=density_threshold, covariates=_rows(Z, cells),
                              holdout_fraction=holdout_fraction, random_state=seed, n_jobs=n_jobs)
     chosen = result.suggested_k if k is None else k
     H, H_baseline = result.components[chosen], result.covariate_components[chosen]
     if cells is not None:  # the consensus programs, fitted on all cells
+        LOG.info("k = %d: fitting the consensus programs on all %d cells", chosen, X.shape[0])
         _, H, H_baseline = _polish(X, H, H_baseline, Z, model, solver, max_iter, tol, random_state=seed)
     W, H, order = normalize_factors(refit_usage(X, H, Z, H_baseline), H)
     _store_factors(adata, used, W, H, regression_scores(X, W), None if Z is None else H_baseline)
@@ -358,6 +366,7 @@ def split_half(adata: ad.AnnData, groups_key: str, n_restarts: int = 5, solver: 
     model = info.get("model", "seminmf")
     X_learn, Z_learn = X[learn], _rows(Z, np.flatnonzero(learn))
     cells = _sweep_cells(X_learn.shape[0], info["params"].get("sweep_max_cells"), seed)
+    LOG.info("split half: the k = %d programs learned again on %d cells", info["k"], X_learn.shape[0])
     learned = consensus_sweep(_rows(X_learn, cells), [info["k"]], model=model, n_restarts=n_restarts,
                               solver=solver, max_iter=max_iter, tol=tol,
                               density_threshold=info["params"].get("density_threshold"),
