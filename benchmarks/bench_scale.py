@@ -71,6 +71,8 @@ from pathlib import Path
 import psutil
 import yaml
 
+from bench_seminmf import banner, print_table  # the same tables and banners as the solver benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "scale"
 DEMO_PARAMS = ROOT / "params" / "demo.yaml"
@@ -132,20 +134,6 @@ def fmt_num(value, digits: int = 2) -> str:
     if value is None:
         return "n/a"
     return str(value) if isinstance(value, int) else f"{value:.{digits}f}"
-
-
-def print_table(headers: list[str], rows: list[list[object]], indent: str = "  ") -> None:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    for n, row in enumerate(cells):
-        line = "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-        print(indent + line.rstrip())
-        if n == 0:
-            print(indent + "  ".join("-" * w for w in widths))
-
-
-def banner(title: str) -> None:
-    print("\n" + "=" * 78 + f"\n{title}\n" + "=" * 78, flush=True)
 
 
 def cpu_busy_fraction(interval: float = 1.0) -> float | None:

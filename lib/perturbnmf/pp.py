@@ -459,7 +459,8 @@ def _per_chunk(X, func: Callable, *args) -> list:
     what = _PASSES.get(func.__name__, func.__name__)
     call = dask.delayed(_counted(func, X.numblocks[0], what), pure=True)
     results = list(dask.compute(*[call(block, *args) for block in X.to_delayed()[:, 0]]))
-    LOG.info("%s: %d chunks of cells read", what, X.numblocks[0])
+    if X.numblocks[0] > 1:
+        LOG.info("%s: %d chunks of cells read", what, X.numblocks[0])
     return results
 
 
@@ -1167,18 +1168,9 @@ def check_dense_fits(n_rows: int, n_cols: int, dtype, what: str, parameter_hint:
     InsufficientMemoryError
         When the estimate exceeds :func:`available_memory`.
     """
-    need = dense_bytes(n_rows, n_cols, dtype, copies)
-    available = available_memory()
-    if available is not None and need > available:
-        cap = os.environ.get(MAX_MEMORY_ENV)
-        capped = f" (capped by {MAX_MEMORY_ENV}={cap})" if cap else ""
-        raise InsufficientMemoryError(
-            f"Not enough memory for {what}: it needs a dense {n_rows:,} × {n_cols:,} {np.dtype(dtype).name} array"
-            + (f" ({copies} copies at the peak)" if copies > 1 else "")
-            + f", about {format_bytes(need)}, but only {format_bytes(available)} is available{capped}. "
-            f"To fix it: {parameter_hint}."
-        )
-    return need
+    array = (f"a dense {n_rows:,} × {n_cols:,} {np.dtype(dtype).name} array"
+             + (f" ({copies} copies at the peak)" if copies > 1 else ""))
+    return _refuse_if_over(dense_bytes(n_rows, n_cols, dtype, copies), what, parameter_hint, array)
 
 
 def sparse_bytes(n_rows: int, nnz: int, dtype=np.float32, index_dtype=np.int32, copies: int = 1) -> int:
@@ -1187,14 +1179,15 @@ def sparse_bytes(n_rows: int, nnz: int, dtype=np.float32, index_dtype=np.int32, 
     return (int(nnz) * (np.dtype(dtype).itemsize + index) + (int(n_rows) + 1) * index) * int(copies)
 
 
-def _refuse_if_over(need: int, what: str, parameter_hint: str) -> int:
+def _refuse_if_over(need: int, what: str, parameter_hint: str, array: str | None = None) -> int:
+    """``need`` (bytes), or an InsufficientMemoryError naming ``what``, ``array`` (its shape) and the fix."""
     available = available_memory()
     if available is not None and need > available:
         cap = os.environ.get(MAX_MEMORY_ENV)
         capped = f" (capped by {MAX_MEMORY_ENV}={cap})" if cap else ""
         raise InsufficientMemoryError(
-            f"Not enough memory for {what}: it needs about {format_bytes(need)}, but only {format_bytes(available)} "
-            f"is available{capped}. To fix it: {parameter_hint}."
+            f"Not enough memory for {what}: it needs {f'{array}, ' if array else ''}about {format_bytes(need)}, "
+            f"but only {format_bytes(available)} is available{capped}. To fix it: {parameter_hint}."
         )
     return need
 

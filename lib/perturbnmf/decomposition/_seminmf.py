@@ -478,13 +478,19 @@ def _uniform_open_closed(random_state, shape):
 _SVD_POWER_ITER = 2
 
 
-def _reseed_rng(random_state):
-    """Generator for re-seeded components, a stream apart from the initialisation's."""
+def _child_rng(random_state, stream: int):
+    """Generator of one stream derived from ``random_state``: 1 re-seeds dead components, 2 draws the
+    subsample start (apart from the initialisation's own stream). A Generator is used as it is."""
     if isinstance(random_state, np.random.Generator):
         return random_state
     if isinstance(random_state, np.random.RandomState):
         return np.random.default_rng(random_state.randint(2**31))
-    return np.random.default_rng(None if random_state is None else [int(random_state), 1])
+    return np.random.default_rng(None if random_state is None else [int(random_state), stream])
+
+
+def _reseed_rng(random_state):
+    """Generator for re-seeded components, a stream apart from the initialisation's."""
+    return _child_rng(random_state, 1)
 
 
 #: From this many cells on, ``init="auto"`` starts from the programs of a fit on a subsample of the cells.
@@ -492,15 +498,6 @@ SUBSAMPLE_START_MIN_CELLS = 50_000
 #: The subsample start fits this share of the cells (at least ``_SUBSAMPLE_START_MIN_ROWS``) first.
 _SUBSAMPLE_START_FRACTION = 0.1
 _SUBSAMPLE_START_MIN_ROWS = 10_000
-
-
-def _subsample_rng(random_state):
-    """Generator of the subsample start: a stream apart from the initialisation's and the re-seeding's."""
-    if isinstance(random_state, np.random.Generator):
-        return random_state
-    if isinstance(random_state, np.random.RandomState):
-        return np.random.default_rng(random_state.randint(2**31))
-    return np.random.default_rng(None if random_state is None else [int(random_state), 2])
 
 
 def _subsample_start(estimator, X, covariates, random_state):
@@ -525,7 +522,7 @@ def _subsample_start(estimator, X, covariates, random_state):
     """
     from sklearn.base import clone
 
-    rng = _subsample_rng(random_state)
+    rng = _child_rng(random_state, 2)
     n = X.shape[0]
     rows = np.sort(rng.choice(n, min(n, max(_SUBSAMPLE_START_MIN_ROWS, int(_SUBSAMPLE_START_FRACTION * n))),
                               replace=False))
@@ -537,8 +534,7 @@ def _subsample_start(estimator, X, covariates, random_state):
     XHt = _safe_X_Ht(X, H)
     if covariates is not None:  # the covariates' share of X is known: remove it before solving for usage
         XHt -= covariates @ (sub.covariate_components_ @ H.T)
-    W = scipy.linalg.lstsq(H @ H.T, XHt.T)[0].T
-    return np.maximum(W, 0.0)
+    return np.maximum(_solve_gram(H @ H.T, XHt.T).T, 0.0)  # (H Hᵀ) Wᵀ = (X Hᵀ)ᵀ, the H step's system
 
 
 def _initialize(X, n_components, init, random_state, *, W=None, H=None, nonnegative_h=False, covariates=None):
