@@ -219,18 +219,30 @@ def implied_effects(true_usage, usage: pd.DataFrame, groups, control_label: str)
     with np.errstate(divide="ignore", invalid="ignore"):
         r_squared = np.where(total > 0, 1.0 - (residual**2).sum(axis=0) / total, np.nan)
     n_c = int(control.sum())
-    rows = []
-    for target in sorted(set(labels) - {control_label}):
-        cells = labels == target
-        n_t = int(cells.sum())
-        shift = (U[cells].mean(axis=0) - U[control].mean(axis=0)) @ coef[1:]
-        pooled_sd = np.sqrt(((n_t - 1) * W[cells].var(axis=0, ddof=1) + (n_c - 1) * W[control].var(axis=0, ddof=1))
+    # the controls' summaries once, and each target's cells from one sort (the same rows, in the same
+    # order, as a mask over all cells would give): 10,000 targets cost seconds, not minutes
+    U_control_mean, W_control_var = U[control].mean(axis=0), W[control].var(axis=0, ddof=1)
+    codes, names = pd.factorize(labels, sort=True)
+    order = np.argsort(codes, kind="stable")
+    bounds = np.r_[0, np.cumsum(np.bincount(codes, minlength=len(names)))]
+    shifts, scales, targets = [], [], []
+    for code, target in enumerate(names):
+        if target == control_label:
+            continue
+        cells = order[bounds[code]: bounds[code + 1]]
+        n_t = len(cells)
+        shift = (U[cells].mean(axis=0) - U_control_mean) @ coef[1:]
+        pooled_sd = np.sqrt(((n_t - 1) * W[cells].var(axis=0, ddof=1) + (n_c - 1) * W_control_var)
                             / max(n_t + n_c - 2, 1)) if n_t > 1 else np.full(W.shape[1], np.nan)
         with np.errstate(divide="ignore", invalid="ignore"):
-            standardized = np.where(pooled_sd > 0, shift / pooled_sd, np.nan)
-        rows.append(pd.DataFrame({"perturbation": target, "program": list(usage.columns), "implied_effect": shift,
-                                  "implied_effect_std": standardized, "r_squared": r_squared}))
-    return pd.concat(rows, ignore_index=True)
+            scales.append(np.where(pooled_sd > 0, shift / pooled_sd, np.nan))
+        shifts.append(shift)
+        targets.append(target)
+    k = W.shape[1]
+    return pd.DataFrame({"perturbation": np.repeat(np.array(targets, dtype=object), k),
+                         "program": np.tile(np.array(list(usage.columns), dtype=object), len(targets)),
+                         "implied_effect": np.concatenate(shifts), "implied_effect_std": np.concatenate(scales),
+                         "r_squared": np.tile(r_squared, len(targets))})
 
 
 def _check_fdr(fdr) -> float:

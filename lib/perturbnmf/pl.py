@@ -342,22 +342,58 @@ def _boxplot_groups(frame: pd.DataFrame, program: str, control_label: str, max_g
     return by_group.median().sort_values(ascending=False).index.tolist()
 
 
+#: Perturbations a boxplot panel shows for a program without any hit (the largest |d|).
+N_SHOWN_WITHOUT_HIT = 10
+
+
+def _largest_effects(contrasts: pd.DataFrame, program: str, fdr: float, n: int) -> tuple[list[str], str]:
+    """The perturbations a program's panel shows, chosen by the contrasts: its hits (q < ``fdr``) with the
+    largest |Cohen's d|, at most ``n``; without a hit the :data:`N_SHOWN_WITHOUT_HIT` largest |d|. Returns
+    them and a line saying which they are."""
+    rows = contrasts.loc[contrasts["program"] == program, ["perturbation", "effect_std", "qvalue"]]
+    rows = rows.assign(perturbation=rows["perturbation"].astype(str), _size=rows["effect_std"].abs())
+    rows = rows.sort_values("_size", ascending=False, kind="stable")
+    hits = rows[rows["qvalue"] < fdr]
+    if len(hits):
+        which = (f"its {len(hits)} hit{'s' * (len(hits) > 1)} (q < {fdr})" if len(hits) <= n
+                 else f"{n} of its {len(hits):,} hits (q < {fdr}), largest |d|")
+        return hits["perturbation"].head(n).tolist(), which
+    shown = rows["perturbation"].head(min(n, N_SHOWN_WITHOUT_HIT)).tolist()
+    return shown, f"no hit at q < {fdr}: the {len(shown)} largest |d|"
+
+
+def _panel_groups(frame: pd.DataFrame, program: str, control_label: str, max_groups: int, contrasts, fdr: float
+                  ) -> tuple[list[str], str]:
+    """One boxplot panel's groups by median usage, and the line saying which (empty when every group is shown)."""
+    if contrasts is None or frame["_group"].nunique() <= max_groups:
+        return _boxplot_groups(frame, program, control_label, max_groups), ""
+    shown, which = _largest_effects(contrasts, program, fdr, max_groups - 1)
+    kept = frame[frame["_group"].isin(shown + [control_label])]
+    return kept.groupby("_group")[program].median().sort_values(ascending=False).index.tolist(), which
+
+
 def program_boxplots(usage: pd.DataFrame, groups: pd.Series, programs: list[str], control_label: str,
-                     titles: dict[str, str] | None = None, ncols: int = 3, max_groups: int = MAX_GROUPS_SHOWN):
+                     titles: dict[str, str] | None = None, ncols: int = 3, max_groups: int = MAX_GROUPS_SHOWN,
+                     contrasts: pd.DataFrame | None = None, fdr: float = 0.05):
     """Usage of each program across perturbation groups, groups ordered by median, control in grey.
 
-    With more than ``max_groups`` groups, each panel shows the control and the ``max_groups - 1``
-    perturbations that shift that program's mean usage most.
+    With more than ``max_groups`` groups, each panel shows the control and at most ``max_groups - 1``
+    perturbations: given ``contrasts`` (:func:`perturbnmf.tl.program_contrasts`), the program's hits
+    (q < ``fdr``) with the largest effects (|Cohen's d|), or without a hit the few largest |d|; without
+    it, the perturbations that shift the program's mean usage most.
     """
     n = len(programs)
     ncols = min(ncols, n)
     nrows = int(np.ceil(n / ncols))
     n_groups = groups.nunique()
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, _group_height(min(n_groups, max_groups), 0.2, 3.5)
-                                                    * nrows), squeeze=False)
     frame = usage[programs].assign(_group=groups.astype(str).to_numpy())
+    panels = {program: _panel_groups(frame, program, control_label, max_groups, contrasts, fdr)
+              for program in programs}
+    tallest = max(len(order) for order, _ in panels.values())
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, _group_height(tallest, 0.2, 3.5) * nrows),
+                             squeeze=False)
     for ax, program in zip(axes.flat, programs):
-        order = _boxplot_groups(frame, program, control_label, max_groups)
+        order, which = panels[program]
         colors = {g: (CONTROL_COLOR if g == control_label else "#4c72b0") for g in order}
         sns.boxplot(data=frame[frame["_group"].isin(order)] if n_groups > max_groups else frame, y="_group",
                     x=program, order=order, hue="_group", palette=colors, legend=False, ax=ax, fliersize=1,
@@ -367,27 +403,55 @@ def program_boxplots(usage: pd.DataFrame, groups: pd.Series, programs: list[str]
         ax.set_ylabel("perturbation")
         ax.set_xlabel("usage")
         ax.tick_params(axis="y", labelsize=7)
-        ax.set_title((titles or {}).get(program, program), fontsize=10)
+        title = (titles or {}).get(program, program)
+        ax.set_title(title + (f"\n{which}" if which else ""), fontsize=10 if not which else 9)
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
-    if n_groups > max_groups:
-        fig.suptitle("Program usage by perturbation (dashed: control median)\nper program, the control and the "
-                     f"{max_groups - 1} of {n_groups - 1:,} perturbations that shift it most", fontweight="bold")
-        fig.tight_layout(rect=(0, 0, 1, 0.97))
-    else:
-        fig.suptitle("Program usage by perturbation (dashed: control median)", fontweight="bold")
-        fig.tight_layout()
+    _boxplot_suptitle(fig, n_groups, max_groups, contrasts is not None)
     return fig
 
 
-def _strongest_perturbations(contrasts: pd.DataFrame, fdr: float, value: str, n: int) -> list[str]:
-    """The ``n`` perturbations with the strongest hits: smallest q first, then largest |value|;
-    perturbations without a hit only when fewer than ``n`` have one."""
+def _boxplot_suptitle(fig, n_groups: int, max_groups: int, by_contrasts: bool) -> None:
+    title = "Program usage by perturbation (dashed: control median)"
+    if n_groups <= max_groups:
+        fig.suptitle(title, fontweight="bold")
+        fig.tight_layout()
+        return
+    which = (f"the perturbations with the largest effects among its hits (of {n_groups - 1:,} perturbations)"
+             if by_contrasts else f"the {max_groups - 1} of {n_groups - 1:,} perturbations that shift it most")
+    fig.suptitle(f"{title}\nper program, the control and {which}", fontweight="bold")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+
+
+#: Perturbations the effect heatmap shows when no perturbation has a hit (the largest |effect|).
+N_HEATMAP_WITHOUT_HIT = 20
+
+
+def _strongest_perturbations(contrasts: pd.DataFrame, fdr: float, value: str, n: int) -> tuple[list[str], int]:
+    """The perturbations with a hit, strongest first (smallest q, then largest |value|), at most ``n``, and
+    how many have a hit; without any hit the :data:`N_HEATMAP_WITHOUT_HIT` largest |value|."""
     per = contrasts.assign(_abs=contrasts[value].abs()).groupby("perturbation").agg(q=("qvalue", "min"),
                                                                                   size=("_abs", "max"))
     hits = per[per["q"] < fdr].sort_values(["q", "size"], ascending=[True, False], kind="stable")
-    rest = per[~(per["q"] < fdr)].sort_values("size", ascending=False, kind="stable")
-    return (hits.index.tolist() + rest.index.tolist())[:n] if len(hits) < n else hits.index[:n].tolist()
+    if len(hits):
+        return hits.index[:n].tolist(), len(hits)
+    return per.sort_values("size", ascending=False, kind="stable").index[:min(n, N_HEATMAP_WITHOUT_HIT)].tolist(), 0
+
+
+def _heatmap_subset(contrasts: pd.DataFrame, fdr: float, value: str, max_rows: int) -> tuple[pd.DataFrame, str]:
+    """The rows of the effect heatmap, and the title's words for them: every perturbation up to
+    ``max_rows``; above, the perturbations with a hit only (the ``max_rows`` strongest)."""
+    n_perturbations = contrasts["perturbation"].nunique()
+    if n_perturbations <= max_rows:
+        return contrasts, ""
+    shown, n_hits = _strongest_perturbations(contrasts, fdr, value, max_rows)
+    if not n_hits:
+        which = f": no hit; the {len(shown)} of {n_perturbations:,} perturbations with the largest |d|"
+    elif n_hits > len(shown):
+        which = f": the {len(shown)} strongest of {n_hits:,} perturbations with a hit (of {n_perturbations:,})"
+    else:
+        which = f": the {n_hits} perturbations with a hit (of {n_perturbations:,}), clustered"
+    return contrasts[contrasts["perturbation"].isin(shown)], which
 
 
 def effect_heatmap(contrasts: pd.DataFrame, fdr: float, value: str = "effect_std", labels: dict | None = None,
@@ -395,12 +459,10 @@ def effect_heatmap(contrasts: pd.DataFrame, fdr: float, value: str = "effect_std
     """Clustered perturbation × program heatmap of standardised effects; * marks q < fdr.
 
     ``labels`` maps program names to the labels shown on the x axis (e.g. from enrichment). With more
-    than ``max_rows`` perturbations, the ``max_rows`` with the strongest hits are shown.
+    than ``max_rows`` perturbations, only perturbations with a hit are shown (the ``max_rows`` strongest:
+    smallest q, then largest |effect|), so the figure's size is bounded whatever the screen's.
     """
-    n_perturbations = contrasts["perturbation"].nunique()
-    if n_perturbations > max_rows:
-        contrasts = contrasts[contrasts["perturbation"].isin(_strongest_perturbations(contrasts, fdr, value,
-                                                                                       max_rows))]
+    contrasts, subset = _heatmap_subset(contrasts, fdr, value, max_rows)
     table = contrasts.pivot(index="perturbation", columns="program", values=value)
     qvalues = contrasts.pivot(index="perturbation", columns="program", values="qvalue").reindex_like(table)
     marks = np.where(qvalues.to_numpy() < fdr, "*", "")
@@ -410,8 +472,6 @@ def effect_heatmap(contrasts: pd.DataFrame, fdr: float, value: str = "effect_std
                   annot_kws={"fontsize": 9}, xticklabels=True, yticklabels=True,
                   cbar_kws={"label": "effect (Cohen's d vs control)"})
     size = (min(20, 3 + 0.42 * table.shape[1]), min(26, 2.5 + 0.3 * table.shape[0]))
-    subset = (f": the {table.shape[0]} of {n_perturbations:,} perturbations with the strongest hits"
-              if n_perturbations > max_rows else "")
     if clustered:
         grid = sns.clustermap(table.fillna(0), figsize=size, method="average", dendrogram_ratio=(0.1, 0.08),
                               cbar_pos=_CBAR_RIGHT, **kwargs)
@@ -428,8 +488,35 @@ def effect_heatmap(contrasts: pd.DataFrame, fdr: float, value: str = "effect_std
     return fig
 
 
+#: Above this many points per volcano panel the points are drawn smaller and translucent.
+_MANY_POINTS = 500
+
+
+def _volcano_panel(ax, rows: pd.DataFrame, fdr: float, x_limit: float, n_named: int) -> int:
+    """One program's volcano: non-hits grey, hits red, the ``n_named`` hits with the smallest p named
+    (left of a point with d < 0, right of one with d > 0). Returns the number of hits."""
+    y = -np.log10(np.clip(rows["pvalue"].to_numpy(dtype=float), 1e-300, 1.0))
+    x = rows["effect_std"].to_numpy(dtype=float)
+    hit = (rows["qvalue"] < fdr).to_numpy()
+    many = len(rows) > _MANY_POINTS
+    ax.scatter(x[~hit], y[~hit], s=4 if many else 10, color="#b0b0b0", alpha=0.6 if many else 1.0,
+               rasterized=many, linewidths=0)
+    ax.scatter(x[hit], y[hit], s=14, color="#c0392b", zorder=3)
+    strongest = np.argsort(-np.where(hit, y, -np.inf), kind="stable")[: min(n_named, int(hit.sum()))]
+    for rank, i in enumerate(strongest):
+        left = x[i] < 0
+        ax.annotate(str(rows["perturbation"].iloc[i]), (x[i], y[i]), fontsize=7, ha="right" if left else "left",
+                    va="center", xytext=(-4 if left else 4, 6 * (rank % 2) - 3), textcoords="offset points")
+    ax.axvline(0, color="#888888", linewidth=0.6)
+    ax.set_xlim(-x_limit, x_limit)
+    top = float(np.nanmax(y)) if np.isfinite(y).any() else 1.0
+    ax.set_ylim(0, max(top, 1.0) * 1.12)  # room for the names of the top points
+    return int(hit.sum())
+
+
 def volcano(contrasts: pd.DataFrame, fdr: float, labels: dict | None = None, ncols: int = 4, n_named: int = 3):
-    """One volcano per program: Cohen's d against −log10 p, hits (q < fdr) coloured and the strongest named.
+    """One volcano per program: Cohen's d against −log10 p, hits (q < fdr) red and the ``n_named`` with the
+    smallest p named (only those: a genome-wide screen has 10,000 points per panel).
 
     Parameters
     ----------
@@ -442,29 +529,26 @@ def volcano(contrasts: pd.DataFrame, fdr: float, labels: dict | None = None, nco
     programs = list(dict.fromkeys(contrasts["program"]))
     ncols = max(1, min(ncols, len(programs)))
     nrows = int(np.ceil(len(programs) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.0 * nrows), squeeze=False)
-    x_limit = float(np.nanmax(np.abs(contrasts["effect_std"]))) * 1.1 if len(contrasts) else 1.0
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.0 * nrows + 0.6), squeeze=False)
+    # room beside the outermost points for their names
+    x_limit = float(np.nanmax(np.abs(contrasts["effect_std"]))) * 1.35 if len(contrasts) else 1.0
     for ax, program in zip(axes.flat, programs):
-        rows = contrasts[contrasts["program"] == program]
-        y = -np.log10(np.clip(rows["pvalue"].to_numpy(dtype=float), 1e-300, 1.0))
-        hit = (rows["qvalue"] < fdr).to_numpy()
-        ax.scatter(rows["effect_std"][~hit], y[~hit], s=10, color="#b0b0b0", label=f"q ≥ {fdr}")
-        ax.scatter(rows["effect_std"][hit], y[hit], s=14, color="#c0392b", label=f"q < {fdr}")
-        strongest = np.argsort(-np.where(hit, y, -np.inf))[: min(n_named, int(hit.sum()))]
-        for i in strongest:
-            ax.annotate(str(rows["perturbation"].iloc[i]), (rows["effect_std"].iloc[i], y[i]), fontsize=7,
-                        xytext=(2, 2), textcoords="offset points")
-        ax.axvline(0, color="#888888", linewidth=0.6)
-        ax.set_xlim(-x_limit, x_limit)
-        ax.set_title(_shorten((labels or {}).get(program, program), 38), fontsize=9)
+        n_hits = _volcano_panel(ax, contrasts[contrasts["program"] == program], fdr, x_limit, n_named)
+        ax.set_title(_shorten((labels or {}).get(program, program), 38) + f" ({n_hits} hit{'s' * (n_hits != 1)})",
+                     fontsize=9)
         ax.set_xlabel("effect (Cohen's d)", fontsize=8)
         ax.set_ylabel("−log10 p", fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(programs):]:
         ax.set_visible(False)
-    axes.flat[0].legend(fontsize=7, loc="upper left")
-    fig.suptitle("Volcano plot per program: each point is one perturbation against control cells", fontweight="bold")
-    fig.tight_layout()
+    n_perturbations = contrasts["perturbation"].nunique()
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color="#b0b0b0", label=f"q ≥ {fdr}"),
+               plt.Line2D([], [], marker="o", linestyle="", color="#c0392b", label=f"q < {fdr} (hit)")]
+    fig.suptitle(f"Volcano plot per program: each point is one of {n_perturbations:,} perturbations against control "
+                 f"cells; the {n_named} hits with the smallest p named", fontweight="bold", fontsize=10)
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 1.0 - 0.45 / fig.get_figheight()),
+               ncol=2, frameon=False, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1.0 - 0.6 / fig.get_figheight()))
     return fig
 
 
@@ -486,7 +570,7 @@ def guide_effects(hits: pd.DataFrame, guide_table: pd.DataFrame, labels: dict | 
     ax.invert_yaxis()
     ax.set_xlabel("effect on usage vs control cells")
     ax.set_title("Do the guides of a target agree? (strongest hits)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     return fig
 
@@ -503,7 +587,7 @@ def split_half_scatter(comparison: pd.DataFrame, fdr: float, min_cosine: float):
     for mask, color, name in ((matched, "#4c72b0", f"program reproduced on the learn half (cosine ≥ {min_cosine})"),
                               (~matched, "#c8c8c8", f"program not reproduced (cosine < {min_cosine})")):
         ax.scatter(comparison.loc[mask, "effect_std_seen"], comparison.loc[mask, "effect_std_unseen"], s=12,
-                   color=color, label=name)
+                   color=color, label=name, rasterized=len(comparison) > _MANY_POINTS)
     both = (comparison["qvalue_seen"] < fdr) & (comparison["qvalue_unseen"] < fdr)
     ax.scatter(comparison.loc[both, "effect_std_seen"], comparison.loc[both, "effect_std_unseen"], s=40,
                facecolors="none", edgecolors="#c0392b", label=f"q < {fdr} in both")
@@ -538,7 +622,7 @@ def null_qq(null_pvalues, real_pvalues=None):
         for values, colour, label in series:
             expected, observed = _qq_points(values)
             if expected.size:
-                ax.scatter(expected, observed, s=9, color=colour, label=f"{label} ({expected.size} tests)",
+                ax.scatter(expected, observed, s=9, color=colour, label=f"{label} ({expected.size:,} tests)",
                            rasterized=True)
                 top = max(top, float(expected.max()), float(observed.max()) if label == "null" else 0.0)
         ax.plot([0, top], [0, top], color="black", linewidth=0.8, linestyle="--", label="calibrated (y = x)")

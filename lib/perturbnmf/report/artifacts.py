@@ -79,7 +79,7 @@ def save_table(frame: pd.DataFrame, path: Path) -> Path:
 def read_table(path: Path, producing_step: str) -> pd.DataFrame:
     """A CSV table of an earlier step, or say which step to run first."""
     _require(path, producing_step)
-    return pd.read_csv(path)
+    return pd.read_csv(path, low_memory=False)  # a column empty on most rows (role) is read as one type
 
 
 def save_json(mapping: dict[str, Any], path: Path) -> Path:
@@ -148,8 +148,8 @@ SUMMARY_SHEETS = {
 def save_summary_workbook(paths: RunPaths, fdr: float) -> Path:
     """summary.xlsx: every table of the run that exists, a sheet each; "Significant Factors" are the
     programs whose ANOVA q < ``fdr``."""
-    tables = {field: pd.read_csv(getattr(paths, field)) for field in dict.fromkeys(SUMMARY_SHEETS.values())
-              if getattr(paths, field).exists()}
+    tables = {field: pd.read_csv(getattr(paths, field), low_memory=False)  # role: one type, no DtypeWarning
+              for field in dict.fromkeys(SUMMARY_SHEETS.values()) if getattr(paths, field).exists()}
     sheets = {}
     for name, field in SUMMARY_SHEETS.items():
         if field in tables:

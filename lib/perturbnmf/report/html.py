@@ -48,12 +48,21 @@ def warning(text: str) -> None:
     _display(f'<div class="pnmf-warning">{text}</div>')
 
 
-def table(frame: pd.DataFrame, caption: str, max_rows: int = 25, float_format: str = "{:.3g}") -> None:
-    """Show a table with its explaining sentence and, when long, how many rows were left out."""
+def table(frame: pd.DataFrame, caption: str, max_rows: int = 25, float_format: str = "{:.3g}",
+          full: str | None = None) -> None:
+    """Show a table with its explaining sentence and, when long, its first ``max_rows`` rows and where the
+    rest is: ``full`` (e.g. "program_contrasts.csv, rows with q < 0.05"), else the data folder.
+
+    The shown rows are bounded, so a report stays small whatever the screen's size (a genome-wide
+    screen has 10,000 perturbations and 100,000 perturbation × program rows).
+    """
     shown = frame.head(max_rows)
     formatters = {c: float_format.format for c in shown.columns if pd.api.types.is_float_dtype(shown[c])}
     markup = shown.to_html(index=False, classes="pnmf-table", border=0, formatters=formatters, na_rep="–")
-    more = f" Showing {max_rows} of {len(frame)} rows; the full table is in the data folder." if len(frame) > max_rows else ""
+    more = ""
+    if len(frame) > max_rows:
+        where = f"all of them: {full}" if full else "the full table is in the data folder"
+        more = f" Showing the first {max_rows} of {len(frame):,} rows; {where}."
     _display(f'<p class="pnmf-note">{caption}{more}</p>{markup}')
 
 

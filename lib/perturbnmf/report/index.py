@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from ..tl import significant_pairs
@@ -47,8 +48,9 @@ def _top_hits_html(paths: RunPaths, fdr: float, n_hits: int) -> str:
     source = paths.perturbation_hits if paths.perturbation_hits.exists() else paths.program_contrasts
     if not source.exists():
         return ""
-    table = pd.read_csv(source)
-    hits = significant_pairs(table, fdr)
+    # every column read as in the file (low_memory=False: a column empty on most rows, such as role, is
+    # not split into parts of different types, which pandas warns about)
+    hits = significant_pairs(pd.read_csv(source, low_memory=False), fdr)
     top = hits.head(n_hits)
     columns = [c for c in _HIT_COLUMNS if c in top.columns]
     labelled = "label" in top.columns
@@ -64,7 +66,11 @@ def _top_hits_html(paths: RunPaths, fdr: float, n_hits: int) -> str:
                if "consistency" in top.columns else "")
             + ("; q, split half is the test on half of the cells with programs learned on the other half"
                if "qvalue_split" in top.columns else "")
-            + f". The {len(top)} strongest of {len(hits)} hits at q &lt; {fdr}.</p>")
+            + f". The {len(top)} strongest of {len(hits):,} hits at q &lt; {fdr}"
+            + (f"; all of them: <a href='data/{source.name}'>{source.name}</a>"
+               + (f" (rows with q &lt; {fdr})" if source == paths.program_contrasts else "")
+               if len(hits) > len(top) else "")
+            + ".</p>")
     if not len(top):
         return text + "<p>No hits.</p>"
     return text + _frame_html(top[columns].rename(columns=_HIT_COLUMNS))
@@ -84,8 +90,9 @@ def _stats_cards(paths: RunPaths, fdr: float) -> list[tuple[str, Any]]:
         anova = pd.read_csv(paths.program_anova)
         cards.append((f"programs differing across groups (q < {fdr})", int((anova["qvalue"] < fdr).sum())))
     if paths.program_contrasts.exists():
-        contrasts = pd.read_csv(paths.program_contrasts)
+        contrasts = pd.read_csv(paths.program_contrasts, usecols=["perturbation", "qvalue"])
         hits = contrasts[contrasts["qvalue"] < fdr]
+        cards.append(("perturbations tested against the controls", contrasts["perturbation"].nunique()))
         cards.append((f"perturbation → program hits (q < {fdr})", len(hits)))
         cards.append(("perturbations with a hit", hits["perturbation"].nunique()))
     if paths.calibration_json.exists():
@@ -118,7 +125,15 @@ def _cards_html(paths: RunPaths, fdr: float) -> str:
     if not cards:
         return ""
     return '<h2>Key results</h2><div class="cards">' + "".join(
-        f'<div class="card"><b>{html.escape(str(v))}</b>{html.escape(label)}</div>' for label, v in cards) + "</div>"
+        f'<div class="card"><b>{html.escape(_card_value(v))}</b>{html.escape(label)}</div>' for label, v in cards
+    ) + "</div>"
+
+
+def _card_value(value: Any) -> str:
+    """A card's number as read: whole numbers with thousands separators (10,000 perturbations)."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return f"{int(value):,}"
+    return str(value)
 
 
 def _steps_html(paths: RunPaths, record: dict[str, Any]) -> str:

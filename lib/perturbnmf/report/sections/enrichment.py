@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 
 from ... import pl, tl
-from .. import html
+from .. import artifacts, html
 
 __all__ = ["show_header", "show_top_genes", "show_enrichment", "show_program_labels", "show_dotplot",
            "run_prerank", "show_prerank", "show_prerank_skipped", "show_labelled_hits", "show_workbook"]
@@ -29,11 +29,12 @@ def show_header(params: dict[str, Any], paths) -> dict[str, Any]:
 def show_top_genes(top: pd.DataFrame, n_shown: int = 10) -> None:
     wide = (top[top["rank"] <= n_shown].groupby(["program", "side"])["gene"]
             .apply(lambda genes: ", ".join(genes)).unstack("side").reindex(columns=["positive", "negative"]))
+    wide.columns.name = None  # no stray "side" heading above the program column
     html.table(wide.reset_index().fillna("–"),
                  f"The {n_shown} genes with the largest positive and the most negative gene scores per program: "
                  "positive = expression rises with the program's usage, negative = it falls (each side is its own "
                  "gene list). All top genes are in top_genes.csv.",
-                 max_rows=200)
+                 max_rows=200, full="top_genes.csv")
 
 
 def show_enrichment(enrichment_table: pd.DataFrame, fdr: float, n_background: int) -> None:
@@ -51,7 +52,8 @@ def show_enrichment(enrichment_table: pd.DataFrame, fdr: float, n_background: in
     html.table(shown, f"Gene sets over-represented at q < {fdr} among each program's top genes: overlap = genes of "
                         "the list in the set / genes in the list; term size counts the set's genes among the "
                         f"background (the {n_background} factorised genes); q = Benjamini–Hochberg over the gene "
-                        "sets of one library tested for one list.")
+                        "sets of one library tested for one list.",
+               full=f"enrichment.csv, rows with qvalue < {fdr} (every tested set is there)")
 
 
 def show_program_labels(labels: pd.DataFrame, fdr: float) -> None:
@@ -60,7 +62,7 @@ def show_program_labels(labels: pd.DataFrame, fdr: float) -> None:
     html.table(shown, f"A short label per program, used in the figures below and in the summary: the gene set with "
                         f"the smallest q (< {fdr}) over every library among the positive gene scores (↑), else among "
                         f"the negative gene scores (↓), else the program's three top genes. {n_terms} of {len(labels)} programs are labelled by a "
-                        "gene set. Table: program_labels.csv.", max_rows=100)
+                        "gene set. Table: program_labels.csv.", max_rows=100, full="program_labels.csv")
 
 
 def show_dotplot(top_terms: pd.DataFrame, label_of: dict[str, str], fdr: float) -> None:
@@ -102,7 +104,7 @@ def show_prerank(ranked: pd.DataFrame, fdr: float, messages: list[str] = (), n_s
     else:
         html.table(significant[["program", "library", "term", "n_genes", "nes", "pvalue", "qvalue", "leading_edge"]],
                      caption + f" Shown: q < {fdr}. NES > 0: the set's genes load positively; leading_edge: the "
-                     "genes that drive it.", max_rows=n_shown)
+                     "genes that drive it.", max_rows=n_shown, full=f"prerank.csv, rows with qvalue < {fdr}")
     for message in messages:
         html.note(f"gseapy: {html_text.escape(message)}")
 
@@ -119,11 +121,14 @@ def show_labelled_hits(hits: pd.DataFrame, fdr: float) -> None:
                                 "label: role = primary (the perturbation's strongest programs) or secondary "
                                 "(spill-over), effect = shift of mean usage against control cells, effect_std = Cohen's d, "
                                 "consistency = guides and batches agreeing in sign, qvalue_split = the test on half "
-                                "of the cells with programs learned on the other half. All: perturbation_hits.csv.")
+                                "of the cells with programs learned on the other half. All: perturbation_hits.csv.",
+               full="perturbation_hits.csv (and every test in program_contrasts.csv)")
 
 
 def show_workbook(paths) -> None:
     html.note(f"Workbook {paths.summary_xlsx.name}: sheets Perturbation Hits, Program Labels, W_ANOVA, Significant "
               "Factors, Pathway Enrichment, Top Pathways, Program Contrasts, Guide Effects, Prerank, Top Genes (those "
-              f"that were computed). CSV: {paths.perturbation_hits.name}, {paths.program_labels.name}, "
+              "that were computed); a table longer than Excel's sheets allow "
+              f"({artifacts.EXCEL_MAX_ROWS - 1:,} rows) continues on numbered sheets (Guide Effects (1), (2), …). "
+              f"CSV: {paths.perturbation_hits.name}, {paths.program_labels.name}, "
               f"{paths.top_genes.name}, {paths.enrichment.name}.")

@@ -49,15 +49,33 @@ def _chunking(adata) -> list[tuple[str, str]]:
     return [("counts read in", f"{stored['n_chunks']} chunk(s) of up to {stored['chunk_cells']:,} cells")]
 
 
-def show_simulation_truth(adata) -> None:
+def show_simulation_truth(adata, max_named: int = 10, max_rows: int = 25) -> None:
+    """The planted truth of a simulated screen: programs, targets that shift one, targets that do nothing.
+
+    A genome-wide simulation has thousands of targets: the note names at most ``max_named`` of the
+    targets that do nothing, and with more than ``max_rows`` planted effects the table counts them per
+    program and direction instead of listing each (all of them: ``uns['simulation']['effects']``).
+    """
     truth = adata.uns["simulation"]
     effects = pd.DataFrame(truth["effects"])
+    nulls = [str(t) for t in truth["null_targets"]]
+    named = ", ".join(nulls[:max_named]) + (f", … ({len(nulls):,} in all)" if len(nulls) > max_named else "")
     html.note(
         f"This is a simulated screen with known truth: {len(truth['program_names'])} planted programs "
-        f"({', '.join(truth['program_names'])}); {effects['perturbation'].nunique()} targets shift a program, "
-        f"{len(truth['null_targets'])} targets do nothing ({', '.join(truth['null_targets'])})."
+        f"({', '.join(truth['program_names'])}); {effects['perturbation'].nunique():,} targets shift a program, "
+        f"{len(nulls):,} targets do nothing" + (f" ({named})." if nulls else ".")
     )
-    html.table(effects, "Planted perturbation effects (fold change of the program's usage in the target's cells).")
+    if len(effects) <= max_rows:
+        html.table(effects, "Planted perturbation effects (fold change of the program's usage in the target's cells).")
+        return
+    per_program = (effects.groupby(["program", "direction"])
+                   .agg(targets=("perturbation", "nunique"), fold_change_min=("fold_change", "min"),
+                        fold_change_max=("fold_change", "max"))
+                   .reset_index())
+    html.table(per_program, f"The {len(effects):,} planted perturbation effects, counted per program and direction "
+                            "(fold change of the program's usage in the target's cells); each effect is in "
+                            "uns['simulation']['effects'] of preprocessed.h5ad.", max_rows=max_rows,
+               full="uns['simulation']['effects'] of preprocessed.h5ad")
 
 
 def show_qc(adata, params) -> None:

@@ -26,7 +26,8 @@ def show_header(params: dict[str, Any], paths) -> dict[str, Any]:
 def show_anova(anova: pd.DataFrame, perturbation_key: str, batch_key: str | None, fdr: float) -> None:
     model = f"usage ~ C({perturbation_key})" + (f" + C({batch_key})" if batch_key else "")
     html.table(anova, f"One OLS model per program, <code>{model}</code>; F and p for the perturbation term "
-               "(type II sums of squares), q = Benjamini–Hochberg over programs, eta_squared = partial η².")
+               "(type II sums of squares), q = Benjamini–Hochberg over programs, eta_squared = partial η².",
+               full="program_anova.csv")
     significant = anova[anova["qvalue"] < fdr]
     html.note(f"{len(significant)} of {len(anova)} programs differ across perturbation groups at q < {fdr}.")
 
@@ -51,7 +52,8 @@ def show_hits(hits: pd.DataFrame, method: str, batch_key: str | None, fdr: float
                  f"program tests; role: primary = the perturbation's largest |d| and any within "
                  f"{tl.PRIMARY_SHARE:.0%} of it, secondary = a smaller shift of another program (spill-over); "
                  "consistency counts the target's guides and the batches whose own effect has the "
-                 "same sign; guide_heterogeneity_pvalue tests whether the target's guides differ from each other.")
+                 "same sign; guide_heterogeneity_pvalue tests whether the target's guides differ from each other.",
+               full=f"program_contrasts.csv, rows with qvalue < {fdr} (every perturbation × program test is there)")
 
 
 def show_guide_consistency(hits: pd.DataFrame, guide_table: pd.DataFrame, n_shown: int = 12) -> None:
@@ -64,7 +66,9 @@ def show_guide_consistency(hits: pd.DataFrame, guide_table: pd.DataFrame, n_show
     heterogeneous = int((with_guides["guide_heterogeneity_pvalue"] < 0.01).sum())
     html.note(f"{all_agree} of {len(with_guides)} hits with two or more guides have every guide shifting the "
                 f"program in the same direction; {heterogeneous} show guides that differ from each other "
-                "(heterogeneity p < 0.01). Per-guide effects of all pairs: guide_effects.csv.")
+                "(heterogeneity p < 0.01). "
+                + (f"The figure shows the {n_shown} strongest of them. " if len(with_guides) > n_shown else "")
+                + "Per-guide effects of every guide and program: guide_effects.csv.")
     pl.guide_effects(with_guides.head(n_shown), guide_table)
     plt.show()
 
@@ -135,7 +139,8 @@ def show_effect_recovery(result: dict[str, Any], fdr: float) -> None:
         ("planted effects found (right program, right sign)",
          f"{result['n_recovered']} of {result['n_planted']} (sensitivity {result['sensitivity']:.2f})"),
         (f"discoveries (q < {fdr})", result["n_discoveries"]),
-        ("targets with a discovery / null targets among them", f"{n_targets} / {null_called} of {n_null_targets}"),
+        ("targets with a discovery / null targets among them",
+         f"{n_targets:,} / {null_called:,} of {n_null_targets:,}"),
         ("discoveries against the sign of the implied shift (directional FDP)",
          f"{result['n_sign_errors']} ({result['directional_false_discovery_proportion']:.3f})"),
         (f"… or with an implied shift below |d| = {result['min_implied_effect']} (FDP)",
@@ -153,4 +158,16 @@ def show_effect_recovery(result: dict[str, Any], fdr: float) -> None:
                  "usage over all cells, applied to the planted change of each target's mean usage); a discovery "
                  "is false when the implied shift has the other sign or is negligible. The strict count treats "
                  "every pair that was not planted as false.")
-    html.table(result["table"], "Each planted effect, the recovered program it maps to, and what the test found.")
+    _show_planted_effects(result["table"])
+
+
+def _show_planted_effects(table: pd.DataFrame, max_rows: int = 25) -> None:
+    """Each planted effect and what the test found; when there are more than ``max_rows``, the missed ones first."""
+    caption = "Each planted effect, the recovered program it maps to, and what the test found."
+    if len(table) > max_rows:
+        missed = int((~table["recovered"].astype(bool)).sum())
+        table = table.sort_values("recovered", kind="stable")
+        caption += f" {missed} of {len(table):,} planted effects were missed; they come first."
+    html.table(table, caption, max_rows=max_rows,
+               full="uns['simulation']['effects'] of factorized.h5ad (the planted effects) and program_contrasts.csv "
+                    "(their tests)")
