@@ -184,3 +184,10 @@ def test_papalexi_screen_runs_end_to_end(shared_data, tmp_path):
     pre = ad.read_h5ad(data / "preprocessed.h5ad")
     missing = pre.uns["perturbnmf"]["preprocess"]["cell_cycle"]
     assert len(missing["s_markers_used"]) + len(missing["s_markers_missing"]) == 43
+
+
+def test_the_console_stays_clean(tiny_run):
+    """Nothing on stderr: the kernels' own output (e.g. their log when jupyter_client interrupts them at
+    shutdown, asyncio or zmq messages) goes to a file in the step's private folder, not the console."""
+    _, result = tiny_run
+    assert result.stderr == "", result.stderr

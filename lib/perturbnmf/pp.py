@@ -35,6 +35,7 @@ import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
+from .decomposition._parallel import active_client
 from .errors import InputError, InsufficientMemoryError
 
 #: Progress of the passes over the chunks goes to this logger at level INFO (run_all.py echoes it).
@@ -457,7 +458,9 @@ def _per_chunk(X, func: Callable, *args) -> list:
     if X.numblocks[1] != 1:
         X = X.rechunk({1: -1})
     what = _PASSES.get(func.__name__, func.__name__)
-    call = dask.delayed(_counted(func, X.numblocks[0], what), pure=True)
+    # chunks done are counted in this process (Dask's threads); a cluster's workers only report the pass's end
+    counted = func if active_client() is not None else _counted(func, X.numblocks[0], what)
+    call = dask.delayed(counted, pure=True)
     results = list(dask.compute(*[call(block, *args) for block in X.to_delayed()[:, 0]]))
     if X.numblocks[0] > 1:
         LOG.info("%s: %d chunks of cells read", what, X.numblocks[0])

@@ -130,6 +130,8 @@ def _quiet_papermill() -> None:
 
 # --- kernels -----------------------------------------------------------------------------------
 
+#: The kernel process's own output, in its private folder (see :func:`_ipc_kernel_manager`).
+KERNEL_LOG = "kernel.log"
 #: Kernels started by this process: {pid: subprocess.Popen}.
 _KERNELS: dict[int, object] = {}
 
@@ -146,6 +148,12 @@ def _ipc_kernel_manager(ipc_dir: Path, pid_file: Path):
             self.ip = str(ipc_dir / "kernel")
 
         async def start_kernel(self, **kw):
+            # the kernel process's own output (its log, e.g. "KeyboardInterrupt caught in kernel" when
+            # jupyter_client interrupts it at shutdown) goes to a file, not the console; cells' output is in
+            # the notebook, and the file's tail joins the message when the kernel dies
+            log = open(ipc_dir / KERNEL_LOG, "ab")  # in the step's private folder, removed after the step
+            kw.setdefault("stdout", log)
+            kw.setdefault("stderr", log)
             await super().start_kernel(**kw)
             process = getattr(self.provisioner, "process", None)
             if process is not None:
@@ -213,11 +221,21 @@ def run_step(step: str, values: dict[str, Any], paths: RunPaths, final: Path) ->
         _name_final_folder(executed, final)
     except Exception as err:  # a failing cell, a dead kernel (out of memory?), a kernel that would not start
         failure = _step_failure(step, err)
+        failure.traceback += _tail(ipc_dir / KERNEL_LOG)
     finally:
         _kill_kernels()
         shutil.rmtree(ipc_dir, ignore_errors=True)
         _render(executed, paths.html(step))
     return failure
+
+
+def _tail(path: Path, n_lines: int = 20) -> str:
+    """The last lines of the kernel's own output, for a failure's message ("" when it wrote nothing)."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()[-n_lines:]
+    except OSError:
+        return ""
+    return "\n\nThe kernel's last output:\n" + "\n".join(lines) if lines else ""
 
 
 def _render(executed: Path, html_path: Path) -> None:
