@@ -74,7 +74,7 @@ def test_the_runs_local_cluster_is_exported_then_closed():
     with engine.cluster_for_run("local") as address:
         assert os.environ[engine.SCHEDULER_ENV] == address
         with distributed.Client(address) as c:
-            assert len(c.scheduler_info()["workers"]) == engine._cores()
+            assert len(c.scheduler_info()["workers"]) == engine.available_cores()
     assert engine.SCHEDULER_ENV not in os.environ
     with pytest.raises(OSError):
         with distributed.Client(address, timeout=1):

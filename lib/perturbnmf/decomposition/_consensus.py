@@ -24,7 +24,6 @@ thread count, so parallel and serial sweeps give identical numbers (for sparse X
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 import warnings
@@ -39,7 +38,7 @@ from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import silhouette_samples
 
-from ._parallel import executor, resolve
+from ._parallel import available_cores, executor, resolve
 from ._seminmf import NMF, SemiNMF, _nnls_rows_cd, _objective, _residual_blocks, _safe_X_Ht, _squared_norm
 
 __all__ = ["MODELS", "ConsensusSweep", "consensus_sweep", "holdout_error", "refit_usage", "relative_error",
@@ -675,7 +674,7 @@ def _restart_tasks(k_values: list[int], n_restarts: int, random_state: int) -> l
 
 def _worker_layout(n_jobs: int | None, n_tasks: int) -> tuple[int, int]:
     """Worker processes (None: one per core, never more than tasks) and threads per worker, to fill the cores once."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = available_cores()
     n_jobs = min(cores if n_jobs is None else max(1, n_jobs), n_tasks)
     return n_jobs, max(1, cores // n_jobs)
 

@@ -12,6 +12,7 @@ tracebacks when it races to unlink them.)
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sys
 import tempfile
@@ -22,7 +23,12 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["Executor", "executor", "active_client", "resolve"]
+__all__ = ["Executor", "executor", "active_client", "available_cores", "resolve"]
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the system tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def active_client():

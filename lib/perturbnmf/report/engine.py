@@ -28,10 +28,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import ParameterError
-from ..pp import available_memory, format_bytes
+from ..decomposition._parallel import available_cores
+from ..pp import available_memory
 
 __all__ = ["SCHEDULER_ENV", "PROGRESS_ENV", "local_cluster", "check_reachable", "cluster_for_run", "start_step",
-           "echo_progress", "describe"]
+           "echo_progress"]
 
 #: The address of the cluster run_all.py started for this run (read by the notebooks' kernels).
 SCHEDULER_ENV = "PERTURBNMF_DASK_SCHEDULER"
@@ -43,10 +44,6 @@ LOCAL_MEMORY_SHARE = 0.8
 CONNECT_TIMEOUT_S = 15
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def local_cluster(spill_dir: str | None = None):
     """A LocalCluster sized to this machine: one single-threaded worker process per core.
 
@@ -56,7 +53,7 @@ def local_cluster(spill_dir: str | None = None):
     """
     from distributed import LocalCluster
 
-    n_workers = _cores()
+    n_workers = available_cores()
     room = available_memory()
     limit = int(room * LOCAL_MEMORY_SHARE / n_workers) if room else "auto"
     threads = {name: "1" for name in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
@@ -167,15 +164,3 @@ def echo_progress(path: Path, prefix: str = "      ") -> Iterator[None]:
         os.environ.pop(PROGRESS_ENV, None)
         if echoed.is_set():  # what the runner prints next starts on a line of its own
             print(f"\n{prefix}", end="", flush=True)
-
-
-def describe(client) -> str:
-    """One line for a report: where this step computed."""
-    if client is None:
-        return "in this process"
-    info = client.scheduler_info()
-    workers = info.get("workers", {}).values()
-    threads = sum(w.get("nthreads", 0) for w in workers)
-    memory = sum(w.get("memory_limit", 0) or 0 for w in workers)
-    return (f"on the Dask cluster at {client.scheduler.address}: {len(workers)} workers, {threads} threads, "
-            f"{format_bytes(memory)} memory limit in all")
