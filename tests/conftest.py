@@ -53,6 +53,8 @@ def tiny_params(tmp_path, **overrides):
         "input": str(inputs / "screen.h5ad"), "gene_sets": [str(inputs / "sets.gmt")],
         "cell_cycle_genes": str(inputs / "cell_cycle.tsv"), "hvg_n_top_genes": 150,
         "k_values": [3, 6, 9], "k": 9, "max_iter": 200, "n_top_genes": 20, "prerank": True,
+        # the k sweep on a subsample, the kept programs then fitted on all cells (chunk by chunk on a cluster)
+        "sweep_max_cells": 600,
     }
     params.update(overrides)
     return params

@@ -15,7 +15,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.exceptions import ConvergenceWarning
 
 from perturbnmf import NMF, SemiNMF
-from perturbnmf.decomposition import fit_chunked, refit_usage, transform_chunked
+from perturbnmf.decomposition import cross_products, fit_chunked, polish_chunked, refit_usage, transform_chunked
 from perturbnmf.errors import InputError, ParameterError
 
 N_CELLS, N_GENES, K = 3000, 200, 5
@@ -131,6 +131,29 @@ def test_transform_chunked_equals_the_in_memory_usage(X, batches):
         plain = transform_chunked(X, model.components_, chunk_rows=700).compute()  # an in-memory X is wrapped
     # a sparse X is read as float32, as the estimators read it
     assert_allclose(plain, refit_usage(X.astype(np.float32), model.components_), rtol=1e-10, atol=1e-12)
+
+
+def test_cross_products_are_one_pass_of_the_exact_products(X, batches):
+    A = np.hstack([np.random.default_rng(1).random((N_CELLS, 3)), batches])
+    X32 = X.astype(np.float32).astype(np.float64)  # a sparse chunk is read as float32
+    AtX, norm_sq = cross_products(chunked(X), A)
+    assert_allclose(AtX, A.T @ X32.toarray(), rtol=1e-10)
+    assert norm_sq == pytest.approx(float(X32.multiply(X32).sum()), rel=1e-12)
+
+
+def test_polish_chunked_is_the_in_memory_consensus_fit(X, batches):
+    """From consensus programs (here a short fit's, perturbed): the fitted optimum nearby, as in memory."""
+    from perturbnmf.decomposition._consensus import _polish
+
+    model = NMF(K, random_state=0, max_iter=20).fit(X, covariates=batches)
+    start = model.components_ * np.random.default_rng(2).uniform(0.8, 1.2, model.components_.shape)
+    _, H_memory, H_cov_memory = _polish(X, start, model.covariate_components_, batches, "nmf", "hals", 300, 1e-6,
+                                        random_state=0)
+    H, H_cov = polish_chunked(chunked(X), start, batches, model.covariate_components_, max_iter=300, tol=1e-6,
+                              random_state=0)
+    assert_allclose(np.linalg.norm(H, axis=1), 1.0)
+    assert np.sum(H * H_memory, axis=1).min() > 0.999
+    assert_allclose(H_cov, H_cov_memory, rtol=0.02, atol=1e-3 * np.abs(H_cov_memory).max())
 
 
 # --------------------------------------------------------------------------

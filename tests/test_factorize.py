@@ -128,3 +128,36 @@ def test_a_sweep_on_a_subsample_finds_the_programs_of_the_sweep_on_all_cells():
         recovered[max_cells] = (truth @ tl.loadings(a).to_numpy()).max(axis=1)  # best cosine per planted program
     assert recovered[600].min() > 0.97 and recovered[None].min() > 0.97
     np.testing.assert_allclose(recovered[600], recovered[None], atol=0.01)  # as good as the sweep on all cells
+
+
+def test_a_lazy_matrix_is_factorised_out_of_core_to_the_in_memory_result():
+    """A Dask X is never read whole: the sweep's subsample in memory, the fit on all cells, the usage,
+    the gene scores and the error chunk by chunk; the result is the in-memory one."""
+    import dask.array as da
+
+    rng = np.random.default_rng(5)
+    n, k = 1600, 4
+    W = np.zeros((n, k))
+    W[np.arange(n), rng.integers(0, k, n)] = rng.gamma(4.0, 1.0, n)
+    H = rng.gamma(1.0, 1.0, (k, 60)) * (rng.random((k, 60)) < 0.5)
+    X = sp.csr_matrix(np.maximum(W @ H + 0.3 * rng.normal(size=(n, 60)), 0).astype(np.float32))
+    obs = pd.DataFrame({"perturbation": np.repeat(["ctrl", "A", "B", "C"], 400), "batch": np.tile(["b1", "b2"], 800)},
+                       index=[f"c{i}" for i in range(n)])
+    runs = {}
+    for name, matrix in (("memory", X), ("lazy", da.from_array(X, chunks=(300, -1), asarray=False))):
+        a = ad.AnnData(X=matrix, obs=obs)
+        tl.factorize(a, [4], n_restarts=2, seed=0, n_jobs=1, max_iter=300, sweep_max_cells=600, batch_key="batch")
+        tl.split_half(a, "perturbation", n_restarts=2, seed=1, n_jobs=1, max_iter=300)
+        assert isinstance(a.X, da.Array) == (name == "lazy"), "the lazy X stays lazy"
+        runs[name] = a
+    memory, lazy = runs["memory"], runs["lazy"]
+    cosine = np.sum(tl.loadings(memory).to_numpy() * tl.loadings(lazy).to_numpy(), axis=0)
+    assert cosine.min() > 0.999, cosine
+    np.testing.assert_allclose(lazy.obsm["X_snmf"], memory.obsm["X_snmf"], rtol=0.02, atol=1e-3 * memory.obsm["X_snmf"].max())
+    np.testing.assert_allclose(lazy.varm["snmf_gene_scores"], memory.varm["snmf_gene_scores"], rtol=0.02, atol=1e-3)
+    assert lazy.uns["snmf"]["relative_error"] == pytest.approx(memory.uns["snmf"]["relative_error"], rel=1e-3)
+    test = (lazy.obs["snmf_half"] == "test").to_numpy()
+    assert np.isfinite(lazy.obsm["X_snmf_split"][test]).all() and np.isnan(lazy.obsm["X_snmf_split"][~test]).all()
+    assert np.min(lazy.uns["snmf"]["split_half"]["cosine"]) > 0.99
+    with pytest.raises(ValueError, match="'solver' 'mu' has no out-of-core form.*solver: hals"):
+        tl.factorize(ad.AnnData(X=lazy.X, obs=obs), [4], model="seminmf", solver="mu", sweep_max_cells=600)

@@ -59,7 +59,8 @@ __all__ = [
     "check_dense_fits",
     "check_sparse_fits",
     "check_stored_matrix_fits",
-    "check_preprocessed_fits",
+    "preprocessed_fits",
+    "read_matrix_lazily",
     "dense_bytes",
     "sparse_bytes",
     "format_bytes",
@@ -1065,7 +1066,7 @@ def keep_selected_genes(adata: ad.AnnData) -> tuple[ad.AnnData, pd.DataFrame]:
 # Sparse count matrices stay sparse through the pipeline, and step 1 reads them by chunks
 # whose size :func:`auto_chunk_cells` fits to the memory available (refusing, and naming what
 # helps, when not even small chunks fit). Where a step must hold a whole matrix (step 2 the
-# selected genes: :func:`check_preprocessed_fits`) or make a dense copy, it first calls
+# selected genes: :func:`preprocessed_fits`) or make a dense copy, it first calls
 # :func:`check_sparse_fits` / :func:`check_dense_fits`, which estimate the size and refuse,
 # naming the parameter to change, when it would not fit in the memory available now.
 #
@@ -1216,13 +1217,25 @@ def check_stored_matrix_fits(path: str | Path, what: str, parameter_hint: str, c
     return check_sparse_fits(sparse_bytes(n_rows, nnz, dtype), what, parameter_hint, copies=copies)
 
 
-def check_preprocessed_fits(path: str | Path, copies: int = 2) -> int:
-    """Before step 2 reads step 1's output into memory: refuse when its ``X`` (the log-normalised selected
-    genes, ``copies`` of it at the peak) would not fit, naming the parameters that make it smaller.
-    A missing file passes (the reader then names the step to run). Returns the estimated bytes."""
+def preprocessed_fits(path: str | Path, copies: int = 2) -> bool:
+    """Whether step 2 can read step 1's ``X`` (the log-normalised selected genes, ``copies`` of it at the
+    peak) into memory; when not, it reads it chunk by chunk (:func:`read_matrix_lazily`) and factorises
+    out of core. A missing file: True (the reader then names the step to run)."""
     if not Path(path).exists():
-        return 0
-    return check_stored_matrix_fits(
-        path, "factorising the selected genes (the X of the preprocessed file, read into memory)",
-        "select fewer genes (hvg_n_top_genes, or a higher hvg_min_disp / hvg_min_mean) or analyse fewer cells "
-        "(keep_cells_key, QC thresholds), and rerun from the preprocess step", copies=copies)
+        return True
+    try:
+        check_stored_matrix_fits(path, "factorising the selected genes in memory", "", copies=copies)
+    except InsufficientMemoryError:
+        return False
+    return True
+
+
+def read_matrix_lazily(path: str | Path) -> da.Array:
+    """The ``X`` of an ``.h5ad``/``.zarr`` as a Dask array chunked by cells (CSR chunks for sparse X; chunk
+    size as for step 1's input, :func:`auto_chunk_cells`); each chunk is read when a task needs it."""
+    store = _open_store(Path(path))
+    try:
+        return _lazy_matrix(store["X"], None)
+    finally:
+        if not _is_zarr(Path(path)):
+            store.close()

@@ -71,7 +71,7 @@ from ._seminmf import (
     _warn_dead,
 )
 
-__all__ = ["ChunkedFit", "fit_chunked", "transform_chunked"]
+__all__ = ["ChunkedFit", "fit_chunked", "transform_chunked", "polish_chunked", "cross_products"]
 
 #: Rows per chunk when an in-memory X is wrapped.
 DEFAULT_CHUNK_ROWS = 10_000
@@ -266,6 +266,61 @@ def transform_chunked(X, H, covariates=None, covariate_components=None, *, chunk
                                                    n_rows=Z.shape[1])
     tasks = _map(_chunk_usage, [X, Z], (dask.delayed(H), dask.delayed(H_cov)))
     return _assemble(tasks, X.chunks[0], H.shape[0])
+
+
+def polish_chunked(X, H, covariates=None, covariate_components=None, *, nonnegative_h=True, max_iter=500, tol=1e-4,
+                   random_state=None, progress=None):
+    """Consensus programs fitted once more on every cell, chunk by chunk.
+
+    The chunked counterpart of the consensus sweep's final fit (``_consensus._polish``): each cell's
+    usage refitted to ``H`` (:func:`transform_chunked`), then :func:`fit_chunked` from that usage to
+    ``tol``, so that the programs are the fitted optimum nearest the consensus.
+
+    Parameters
+    ----------
+    X : dask.array.Array, ndarray or sparse matrix of shape (n_cells, n_genes)
+    H : ndarray of shape (k, n_genes)
+        The consensus programs.
+    covariates : ndarray or dask.array.Array of shape (n_cells, b), optional
+    covariate_components : ndarray of shape (b, n_genes), optional
+        Needed with ``covariates``.
+    nonnegative_h, max_iter, tol, random_state, progress
+        As :func:`fit_chunked`.
+
+    Returns
+    -------
+    H : ndarray of shape (k, n_genes)
+        Unit L2 rows.
+    covariate_components : ndarray of shape (b, n_genes)
+    """
+    start = transform_chunked(X, H, covariates, covariate_components).persist()  # read by two passes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # convergence is judged on the restarts
+        fit = fit_chunked(X, H.shape[0], nonnegative_h=nonnegative_h, W=start, covariates=covariates,
+                          max_iter=max_iter, tol=tol, random_state=random_state, progress=progress)
+    norms = np.linalg.norm(fit.H, axis=1)
+    norms[norms == 0] = 1.0
+    return fit.H / norms[:, None], fit.covariate_components
+
+
+def cross_products(X, A, *, chunk_rows=DEFAULT_CHUNK_ROWS):
+    """``A^T X`` and ``||X||_F^2`` in one pass over X's chunks (a sparse chunk read as float32 CSR).
+
+    Parameters
+    ----------
+    X : dask.array.Array, ndarray or sparse matrix of shape (n_cells, n_genes)
+    A : ndarray or dask.array.Array of shape (n_cells, m)
+    chunk_rows : int, default=10000
+        Rows per chunk when X is not a Dask array.
+
+    Returns
+    -------
+    AtX : ndarray of shape (m, n_genes)
+    norm_sq : float
+    """
+    X = _as_row_chunked(X, chunk_rows)
+    part = _gather(_map(_chunk_cross_products, [X, _row_chunked_like(A, X, "A")]))
+    return part["AtX"], part["norm_sq"]
 
 
 # --------------------------------------------------------------------------
@@ -727,6 +782,13 @@ def _chunk_reseed(x, W, dead, scale, n_fixed, seed):
     W = np.array(W, dtype=np.float64, order="C", copy=True)
     W[:, dead] = scale * _uniform_open_closed(np.random.default_rng(seed), (W.shape[0], dead.size))
     return W, _gram_part(x, W, W.shape[1] - n_fixed)
+
+
+@_chunk_task
+def _chunk_cross_products(x, a):
+    """A chunk's ``a^T x`` (a: its rows of A, (n_rows, m)) and ``||x||^2``."""
+    x = _read_chunk(x)
+    return {"AtX": _safe_Wt_X(x, np.ascontiguousarray(a, dtype=np.float64)), "norm_sq": _squared_norm(x)}
 
 
 @_chunk_task

@@ -19,6 +19,7 @@ import h5py
 import pandas as pd
 import yaml
 
+from ..pp import read_matrix_lazily
 from .runfolder import RunPaths
 
 __all__ = ["atomic_write", "save_h5ad", "read_h5ad", "save_table", "read_table", "save_json", "save_k_selection",
@@ -55,19 +56,21 @@ def _require(path: Path, producing_step: str) -> None:
                                 f"(python run_all.py PARAMS.yaml --from {producing_step}).")
 
 
-def read_h5ad(path: Path, producing_step: str, matrix: bool = True) -> ad.AnnData:
+def read_h5ad(path: Path, producing_step: str, matrix: bool | str = True) -> ad.AnnData:
     """Read the artifact of an earlier step, or say which step to run first.
 
     ``matrix=False`` leaves the expression matrix (``X``, ``layers``) on disk: the AnnData has
     ``X = None`` and everything else (``obs``, ``var``, ``obsm``, ``varm``, ``uns``) — for the steps
-    that only need the usage and the programs, whatever the number of cells.
+    that only need the usage and the programs, whatever the number of cells. ``matrix="lazy"``: the
+    same with ``X`` a Dask array chunked by cells (:func:`perturbnmf.pp.read_matrix_lazily`), read
+    chunk by chunk as a computation needs it — for a matrix larger than memory.
     """
     _require(path, producing_step)
-    if matrix:
+    if matrix is True:
         return ad.read_h5ad(path)
     with h5py.File(path, "r") as file:
         parts = {key: ad.io.read_elem(file[key]) for key in ("obs", "var", "obsm", "varm", "uns") if key in file}
-    return ad.AnnData(**parts)
+    return ad.AnnData(X=read_matrix_lazily(path) if matrix == "lazy" else None, **parts)
 
 
 def save_table(frame: pd.DataFrame, path: Path) -> Path:

@@ -32,6 +32,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.optimize import linear_sum_assignment
 
+from ..decomposition._chunked import cross_products, polish_chunked, transform_chunked
 from ..decomposition._seminmf import _safe_Wt_X
 from ..decomposition._consensus import (SWEEP_TOL, ConsensusSweep, _polish, consensus_sweep, refit_usage,
                                         relative_error, with_covariates)
@@ -93,7 +94,7 @@ def regression_scores(X, W: np.ndarray) -> np.ndarray:
 
     Parameters
     ----------
-    X : ndarray or CSR matrix of shape (n_cells, n_genes)
+    X : ndarray, CSR matrix or dask.array.Array (row-chunked, read chunk by chunk) of shape (n_cells, n_genes)
     W : ndarray of shape (n_cells, k)
 
     Returns
@@ -106,7 +107,7 @@ def regression_scores(X, W: np.ndarray) -> np.ndarray:
     sd = W.std(axis=0)
     varying = sd > 0
     Z = (W[:, varying] - mean[varying]) / sd[varying]
-    ZtX = _safe_Wt_X(X, np.ascontiguousarray(Z))  # Zᵀ X; Z has zero column means, so no centring of X
+    ZtX = _transposed_product(X, Z)  # Zᵀ X; Z has zero column means, so no centring of X
     B = np.zeros((W.shape[1], X.shape[1]))
     B[varying] = np.linalg.lstsq(Z.T @ Z / n, ZtX / n, rcond=None)[0]
     return B
@@ -145,8 +146,12 @@ def factorize(
 
     Step 1 writes the log-normalised expression of the selected genes to ``X``, so the defaults
     (``layer=None``: ``X``; ``mask_var=None``: every gene) factorise exactly those; ``layer`` and
-    ``mask_var`` point at another matrix or a subset of the genes. A lazy (Dask) matrix is read
-    into memory as one CSR matrix.
+    ``mask_var`` point at another matrix or a subset of the genes.
+
+    An X in memory is factorised in memory. A lazy (Dask, row-chunked) X is never read whole: the
+    sweep's subsample is read into memory, and the fit on all cells, the usage, the gene scores and
+    the error are computed chunk by chunk (:func:`perturbnmf.decomposition.polish_chunked`, on the
+    active Dask client if any), so memory follows the chunk (solver ``"hals"``).
 
     For each k, ``n_restarts`` fits of ``model`` (see :func:`perturbnmf.decomposition.consensus_sweep`)
     give error, held-out error and stability; the kept model is the consensus for ``k`` (the
@@ -169,6 +174,8 @@ def factorize(
     _check_k_values(k_values, *X.shape)
     levels, Z = baseline_design(adata, batch_key) if model == "nmf" else ([], None)
     cells = _sweep_cells(X.shape[0], sweep_max_cells, seed)
+    if cells is None:
+        X = _in_memory(X)
     LOG.info("k sweep on %d of %d cells, k in %s, %d restarts each", X.shape[0] if cells is None else len(cells),
              X.shape[0], list(k_values), n_restarts)
     result = consensus_sweep(_rows(X, cells), k_values, model=model, n_restarts=n_restarts, solver=solver,
@@ -176,10 +183,10 @@ def factorize(
                              holdout_fraction=holdout_fraction, random_state=seed, n_jobs=n_jobs)
     chosen = result.suggested_k if k is None else k
     H, H_baseline = result.components[chosen], result.covariate_components[chosen]
-    if cells is not None:  # the consensus programs, fitted on all cells
+    if cells is not None:
         LOG.info("k = %d: fitting the consensus programs on all %d cells", chosen, X.shape[0])
-        _, H, H_baseline = _polish(X, H, H_baseline, Z, model, solver, max_iter, tol, random_state=seed)
-    W, H, order = normalize_factors(refit_usage(X, H, Z, H_baseline), H)
+        H, H_baseline = _fit_on_all_cells(X, H, H_baseline, Z, model, solver, max_iter, tol, seed)
+    W, H, order = normalize_factors(_refit_all_usage(X, H, Z, H_baseline), H)
     _store_factors(adata, used, W, H, regression_scores(X, W), None if Z is None else H_baseline)
     table = result.table
     adata.uns["snmf"] = {
@@ -190,7 +197,7 @@ def factorize(
         "seed": int(seed),
         "consensus": True,
         "n_restarts": int(n_restarts),
-        **_fit_record(result, chosen, n_restarts, relative_error(X, *with_covariates(W, H, Z, H_baseline)),
+        **_fit_record(result, chosen, n_restarts, _relative_error(X, *with_covariates(W, H, Z, H_baseline)),
                       position=np.argsort(order)),
         "params": {"k_values": [int(v) for v in k_values], "max_iter": int(max_iter), "tol": float(tol),
                    "density_threshold": None if density_threshold is None else float(density_threshold),
@@ -212,8 +219,58 @@ def _sweep_cells(n_cells: int, max_cells: int | None, seed: int) -> np.ndarray |
 
 
 def _rows(matrix, cells: np.ndarray | None):
-    """``matrix[cells]`` (None stays None; ``cells=None`` keeps every row)."""
-    return matrix if matrix is None or cells is None else matrix[cells]
+    """``matrix[cells]`` in memory (None stays None; ``cells=None`` keeps every row)."""
+    if matrix is None:
+        return None
+    return _in_memory(matrix if cells is None else matrix[cells])
+
+
+def _fit_on_all_cells(X, H, H_cov, Z, model: str, solver: str, max_iter: int, tol: float,
+                      seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The consensus programs of a subsample, fitted once more on all cells of X (in memory, or chunk by
+    chunk for a lazy X). Shapes: H (k × genes, returned with unit rows), H_cov (b × genes), Z (cells × b)."""
+    if not isinstance(X, da.Array):
+        return _polish(X, H, H_cov, Z, model, solver, max_iter, tol, random_state=seed)[1:]
+
+    def progress(iteration: int, objective: float, seconds: float) -> None:
+        LOG.info("all %d cells, iteration %d: objective %.6e (%.0f s)", X.shape[0], iteration, objective, seconds)
+
+    return polish_chunked(X, H, Z, H_cov, nonnegative_h=model == "nmf", max_iter=max_iter, tol=tol,
+                          random_state=seed, progress=progress)
+
+
+def _refit_all_usage(X, H: np.ndarray, Z, H_cov) -> np.ndarray:
+    """Every cell's usage for fixed programs (:func:`refit_usage`; chunk by chunk for a lazy X), n_cells × k."""
+    if isinstance(X, da.Array):
+        return transform_chunked(X, H, Z, H_cov).compute()
+    return refit_usage(X, H, Z, H_cov)
+
+
+def _relative_error(X, W: np.ndarray, H: np.ndarray) -> float:
+    """‖X − W H‖_F / ‖X‖_F (:func:`relative_error`; from one pass of Gram terms for a lazy X)."""
+    if not isinstance(X, da.Array):
+        return relative_error(X, W, H)
+    WtX, norm_sq = cross_products(X, W)
+    residual_sq = norm_sq - 2.0 * float(np.sum(WtX * H)) + float(np.sum((W.T @ W) * (H @ H.T)))
+    return float(np.sqrt(max(residual_sq, 0.0) / norm_sq)) if norm_sq > 0 else float("nan")
+
+
+def _transposed_product(X, A: np.ndarray) -> np.ndarray:
+    """Aᵀ X, shape (m, n_genes), for A of shape (n_cells, m) and an in-memory or lazy X."""
+    if isinstance(X, da.Array):
+        return cross_products(X, A)[0]
+    return _safe_Wt_X(X, np.ascontiguousarray(A))
+
+
+def _in_memory(X):
+    """X as the in-memory solvers read it: a lazy (Dask) matrix computed; sparse as CSR with 32-bit indices
+    when they fit."""
+    if isinstance(X, da.Array):
+        X = X.compute()
+    if not sp.issparse(X):
+        return np.asarray(X)
+    X = sp.csr_matrix(X)
+    return sp.csr_matrix((X.data, X.indices, X.indptr), shape=X.shape)  # scipy picks the smallest index type
 
 
 def _check_factorize_options(adata: ad.AnnData, k_values: list[int], k: int | None, model: str, solver: str,
@@ -232,6 +289,9 @@ def _check_factorize_options(adata: ad.AnnData, k_values: list[int], k: int | No
     if mask_var is not None and mask_var not in adata.var:
         raise ValueError(f"var[{mask_var!r}] is missing; mask_var=None factorises every gene of the matrix (the "
                          "preprocess step keeps only the selected genes).")
+    if solver != "hals" and isinstance(adata.X if layer is None else adata.layers[layer], da.Array):
+        raise ValueError(f"'solver' {solver!r} has no out-of-core form: a lazy (Dask) X is fitted chunk by chunk "
+                         "with 'solver: hals'; use it, or read the matrix into memory.")
 
 
 def _store_factors(adata: ad.AnnData, used: np.ndarray, W: np.ndarray, H: np.ndarray, scores: np.ndarray,
@@ -310,22 +370,14 @@ def _used_genes(adata: ad.AnnData, mask_var: str | None) -> np.ndarray:
 
 
 def _used_matrix(adata: ad.AnnData, layer: str | None, mask_var: str | None):
-    """The matrix factorised (``X`` or ``layers[layer]``, the ``mask_var`` genes) in memory: CSR when sparse.
-
-    A lazy (Dask) matrix is computed into one CSR matrix (its chunks, then their concatenation); 32-bit
-    indices when they fit.
-    """
+    """The matrix factorised (``X`` or ``layers[layer]``, the ``mask_var`` genes): in memory as
+    :func:`_in_memory` reads it, or lazy (a Dask array stays one, row-chunked)."""
     X = adata.X if layer is None else adata.layers[layer]
     if X is None:
         raise ValueError("X is not loaded (None): read the AnnData with its expression matrix.")
     if mask_var is not None:
         X = X[:, _used_genes(adata, mask_var)]
-    if isinstance(X, da.Array):
-        X = X.compute()
-    if not sp.issparse(X):
-        return np.asarray(X)
-    X = sp.csr_matrix(X)
-    return sp.csr_matrix((X.data, X.indices, X.indptr), shape=X.shape)  # scipy picks the smallest index type
+    return X.rechunk({1: -1}) if isinstance(X, da.Array) else _in_memory(X)
 
 
 def split_half(adata: ad.AnnData, groups_key: str, n_restarts: int = 5, solver: str = "hals", max_iter: int = 500,
@@ -366,6 +418,8 @@ def split_half(adata: ad.AnnData, groups_key: str, n_restarts: int = 5, solver: 
     model = info.get("model", "seminmf")
     X_learn, Z_learn = X[learn], _rows(Z, np.flatnonzero(learn))
     cells = _sweep_cells(X_learn.shape[0], info["params"].get("sweep_max_cells"), seed)
+    if cells is None:
+        X_learn = _in_memory(X_learn)
     LOG.info("split half: the k = %d programs learned again on %d cells", info["k"], X_learn.shape[0])
     learned = consensus_sweep(_rows(X_learn, cells), [info["k"]], model=model, n_restarts=n_restarts,
                               solver=solver, max_iter=max_iter, tol=tol,
@@ -374,14 +428,14 @@ def split_half(adata: ad.AnnData, groups_key: str, n_restarts: int = 5, solver: 
                               random_state=seed, n_jobs=n_jobs, progress=False)
     H_learn, H_baseline = learned.components[info["k"]], learned.covariate_components[info["k"]]
     if cells is not None:
-        _, H_learn, H_baseline = _polish(X_learn, H_learn, H_baseline, Z_learn, model, solver, max_iter, tol,
-                                         random_state=seed)
+        H_learn, H_baseline = _fit_on_all_cells(X_learn, H_learn, H_baseline, Z_learn, model, solver, max_iter, tol,
+                                                seed)
     H_kept = adata.varm["snmf_loadings"][_used_genes(adata, mask_var)].T
     cosine = H_kept @ H_learn.T  # kept rows are unit norm
     _, twin = linear_sum_assignment(cosine, maximize=True)  # square: rows come back as 0..k-1
     H_matched = H_learn[twin]
     W_split = np.full((adata.n_obs, info["k"]), np.nan, dtype=np.float32)
-    W_split[~learn] = refit_usage(X[~learn], H_matched, None if Z is None else Z[~learn], H_baseline)
+    W_split[~learn] = _refit_all_usage(X[~learn], H_matched, None if Z is None else Z[~learn], H_baseline)
     adata.obs["snmf_half"] = pd.Categorical(np.where(learn, "learn", "test"), categories=["learn", "test"])
     adata.obsm["X_snmf_split"] = W_split
     match = pd.DataFrame({"program": info["program_names"], "cosine": cosine[np.arange(len(twin)), twin]})
@@ -399,7 +453,7 @@ def split_usage(adata: ad.AnnData) -> pd.DataFrame:
 
 def factorized_matrix(adata: ad.AnnData):
     """The matrix the kept model was fitted to (cells × the genes of ``X``, or of the layer and gene mask
-    ``uns['snmf']['params']`` names), sparse CSR when it is sparse."""
+    ``uns['snmf']['params']`` names), sparse CSR when it is sparse; a lazy (Dask) X stays lazy."""
     info = adata.uns["snmf"]["params"]
     return _used_matrix(adata, info.get("layer"), info.get("mask_var"))
 

@@ -14,4 +14,6 @@ __all__ = ["preprocess", "factorize", "stats", "enrichment", "show_written"]
 
 def show_written(adata, path: Path) -> None:
     """The note under a step's output: which h5ad it wrote, of what size."""
-    html.note(f"Wrote <code>{Path(path).name}</code>: {adata.n_obs} cells × {adata.n_vars} genes.")
+    matrix = ("" if adata.X is not None else
+              " (usage and programs; the expression matrix stays in <code>preprocessed.h5ad</code>)")
+    html.note(f"Wrote <code>{Path(path).name}</code>: {adata.n_obs} cells × {adata.n_vars} genes{matrix}.")
