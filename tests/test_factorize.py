@@ -161,3 +161,42 @@ def test_a_lazy_matrix_is_factorised_out_of_core_to_the_in_memory_result():
     assert np.min(lazy.uns["snmf"]["split_half"]["cosine"]) > 0.99
     with pytest.raises(ValueError, match="'solver' 'mu' has no out-of-core form.*solver: hals"):
         tl.factorize(ad.AnnData(X=lazy.X, obs=obs), [4], model="seminmf", solver="mu", sweep_max_cells=600)
+
+
+def test_technical_covariates_keep_depth_from_taking_a_program():
+    """Expression that rises with sequencing depth in every gene (as log-normalised data does): an NMF
+    without the covariate blends it into its programs; with ``covariate_keys`` the depth gets loadings
+    of its own and the planted programs come back."""
+    rng = np.random.default_rng(11)
+    n, m, k = 1000, 90, 3
+    W = rng.gamma(2.0, 0.5, (n, k)) * (rng.random((n, k)) < 0.6)
+    H = np.zeros((k, m))
+    for p in range(k):
+        H[p, p * 30:(p + 1) * 30] = rng.gamma(2.0, 1.0, 30)
+    depth = rng.normal(0.0, 1.0, n)
+    X = 1.0 + W @ H + 2.0 * np.outer(depth - depth.min(), rng.gamma(2.0, 0.5, m)) + 0.1 * rng.random((n, m))
+    obs = pd.DataFrame({"log1p_total_counts": depth, "constant": 1.0}, index=[f"c{i}" for i in range(n)])
+    truth = H / np.linalg.norm(H, axis=1, keepdims=True)
+    best = {}
+    for keys in (None, ["log1p_total_counts", "constant"]):
+        a = ad.AnnData(X=X, obs=obs)
+        tl.factorize(a, [k], n_restarts=2, seed=0, n_jobs=1, max_iter=300, holdout_fraction=0.0, covariate_keys=keys)
+        best[keys is None] = (truth @ tl.loadings(a).to_numpy()).max(axis=1)
+    assert best[True].min() < 0.8, "without the covariate the programs are blended with depth"
+    assert best[False].min() > 0.99
+    levels = a.uns["snmf"]["baseline"]["levels"]
+    assert levels == ["all cells", "log1p_total_counts +", "log1p_total_counts −"]  # a constant adds nothing
+    assert a.varm["snmf_baseline"].shape == (m, 3)
+
+
+def test_covariates_are_two_non_negative_columns_and_bad_ones_are_named():
+    obs = pd.DataFrame({"batch": ["a", "b", "a", "b"], "depth": [1.0, 2.0, 3.0, 5.0], "text": ["x", "y", "z", "w"]},
+                       index=list("abcd"))
+    a = ad.AnnData(X=np.ones((4, 2)), obs=obs)
+    levels, Z = tl.baseline_design(a, "batch", ["depth"])
+    assert levels == ["a", "b", "depth +", "depth −"]
+    np.testing.assert_allclose(Z[:, 2], [0, 0.25, 0.5, 1]) and np.testing.assert_allclose(Z[:, 2] + Z[:, 3], 1)
+    with pytest.raises(ValueError, match="'missing' \\(parameter 'covariate_keys'\\) is not in obs"):
+        tl.baseline_design(a, "batch", ["missing"])
+    with pytest.raises(ValueError, match="'text' \\(parameter 'covariate_keys'\\) has 4 missing, non-numeric"):
+        tl.baseline_design(a, None, ["text"])

@@ -638,7 +638,7 @@ def filter_cells_and_genes(
 
     Cells are filtered first; genes are then counted on the kept cells, so a gene seen only in
     dropped cells (all zero, zero variance) is dropped too, and so is a cell left without counts.
-    Adds ``obs['n_genes_by_counts', 'total_counts', 'total_counts_mito', 'pct_counts_mito']`` and
+    Adds ``obs['n_genes_by_counts', 'total_counts', 'log1p_total_counts', 'total_counts_mito', 'pct_counts_mito']`` and
     ``var['mito', 'n_cells_by_counts', 'mean_counts', 'pct_dropout_by_counts', 'total_counts']``
     (genes' metrics over the kept cells), the values ``sc.pp.calculate_qc_metrics`` gives, from one
     pass over the chunks (a cell's filters depend on its own row only, so the genes' metrics over
@@ -684,8 +684,8 @@ def _qc_metrics(X, mito: np.ndarray, thresholds: tuple[float, float, float]
     gene_nnz, gene_total = (np.sum(p, axis=0) for p in parts[4:])
     with np.errstate(divide="ignore", invalid="ignore"):
         pct_mito = total_mito / total * 100
-    cells = pd.DataFrame({"n_genes_by_counts": n_genes, "total_counts": total, "total_counts_mito": total_mito,
-                          "pct_counts_mito": pct_mito})
+    cells = pd.DataFrame({"n_genes_by_counts": n_genes, "total_counts": total, "log1p_total_counts": np.log1p(total),
+                          "total_counts_mito": total_mito, "pct_counts_mito": pct_mito})
     n_kept = max(int(keep.sum()), 1)
     genes = pd.DataFrame({"n_cells_by_counts": gene_nnz, "mean_counts": gene_total / n_kept,
                           "pct_dropout_by_counts": (1 - gene_nnz / n_kept) * 100, "total_counts": gene_total})

@@ -93,6 +93,12 @@ def _gene_sets(v):
     return None if v and all(s.strip() for s in v) else "must list at least one gene-set library (GMT file or Enrichr name)"
 
 
+def _covariate_keys(v):
+    if any(not k.strip() for k in v):
+        return "must list obs column names (no empty ones), e.g. [log1p_total_counts, pct_counts_mito]"
+    return "contains duplicates" if len(set(v)) != len(v) else None
+
+
 def _run_name(v):
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v) or ".." in v:
         return "must be a plain folder name (letters, digits, '.', '_', '-'; no '/' or '..')"
@@ -217,6 +223,10 @@ SCHEMA: tuple[Parameter, ...] = (
       _positive_float),
     P("sweep_max_cells", "int | None", 50000, "the k sweep learns from a random subsample of at most this many cells "
       "(the kept k's programs are then fitted on all cells); None: all cells", (_FAC,), _positive_int),
+    P("covariate_keys", "list[str] | None", ["log1p_total_counts", "pct_counts_mito"], "numeric obs columns of "
+      "technical variation fitted as known covariates beside the batch baselines (model nmf): sequencing depth and the "
+      "mitochondrial share then get loadings of their own instead of taking a program; [] or None: batches only",
+      (_FAC,), _covariate_keys),
     P("holdout_fraction", "float", 0.1, "share of cells held out to measure the error on cells the programs never saw",
       (_FAC,), _between(0, 0.5)),
     P("n_jobs", "int | None", None, "parallel worker processes for the restarts; None: all cores", (_FAC,),

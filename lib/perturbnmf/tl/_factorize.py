@@ -141,6 +141,7 @@ def factorize(
     density_threshold: float | None = 0.5,
     batch_key: str | None = None,
     sweep_max_cells: int | None = SWEEP_MAX_CELLS,
+    covariate_keys: list[str] | None = None,
 ) -> ConsensusSweep:
     """Consensus factorisation over a sweep of k on ``X`` (or ``layers[layer]``), all genes (or ``var[mask_var]``).
 
@@ -163,7 +164,12 @@ def factorize(
     (``obs[batch_key]``; one baseline for all cells without a batch key): the expression all
     cells of a batch share gets its own loadings (``varm['snmf_baseline']``, genes × batches)
     instead of taking programs, so the k programs are the programs (an NMF cannot subtract a
-    baseline). Semi-NMF keeps the original analysis's model, without baselines.
+    baseline). Semi-NMF keeps the original analysis's model, without baselines. ``covariate_keys``
+    names numeric ``obs`` columns of technical variation (e.g. ``log1p_total_counts``,
+    ``pct_counts_mito``) whose effect on expression is fitted the same way, as known usage with
+    loadings of their own (either sign, see :func:`baseline_design`): log-normalised expression
+    carries sequencing depth and the mitochondrial share in every gene, and an NMF without them
+    spends a program on each, losing a biological one.
 
     With more than ``sweep_max_cells`` cells the sweep learns from a random subsample of that many
     (see ``SWEEP_MAX_CELLS``) and the kept k's consensus programs are fitted once more on all cells.
@@ -172,7 +178,7 @@ def factorize(
     used = _used_genes(adata, mask_var)
     X = _used_matrix(adata, layer, mask_var)
     _check_k_values(k_values, *X.shape)
-    levels, Z = baseline_design(adata, batch_key) if model == "nmf" else ([], None)
+    levels, Z = baseline_design(adata, batch_key, covariate_keys) if model == "nmf" else ([], None)
     cells = _sweep_cells(X.shape[0], sweep_max_cells, seed)
     if cells is None:
         X = _in_memory(X)
@@ -191,7 +197,8 @@ def factorize(
     table = result.table
     adata.uns["snmf"] = {
         "model": model,
-        "baseline": {"batch_key": batch_key, "levels": list(levels)} if Z is not None else {},
+        "baseline": ({"batch_key": batch_key, "covariate_keys": [] if covariate_keys is None else list(covariate_keys), "levels": list(levels)}
+                     if Z is not None else {}),
         **_choice_record(result, chosen, k_source="suggested" if k is None else "parameter k"),
         "solver": solver,
         "seed": int(seed),
@@ -344,19 +351,52 @@ def _fit_record(result: ConsensusSweep, chosen: int, n_restarts: int, fitted_err
     }
 
 
-def baseline_design(adata: ad.AnnData, batch_key: str | None) -> tuple[list[str], np.ndarray]:
-    """Each cell's known baseline usage: one indicator column per batch (a column of ones without a batch).
+def baseline_design(adata: ad.AnnData, batch_key: str | None,
+                    covariate_keys: list[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """Each cell's known usage: one indicator column per batch (a column of ones without a batch), then two
+    columns per technical covariate.
+
+    A covariate c (``obs[key]``, numeric) enters as ``(c − min) / range`` ("key +") and
+    ``(max − c) / range`` ("key −"): both non-negative, so that with non-negative loadings each gene
+    can rise or fall with c. A covariate that does not vary adds nothing.
 
     Returns
     -------
     levels : list of str
-        The batches (``["all cells"]`` without a batch key).
+        The batches (``["all cells"]`` without a batch key), then ``"<key> +"``, ``"<key> −"`` per covariate.
     Z : ndarray of shape (n_cells, n_levels)
+
+    Raises
+    ------
+    ValueError
+        A covariate column that is missing, not numeric or not finite, named with the parameter.
     """
     if batch_key is None:
-        return ["all cells"], np.ones((adata.n_obs, 1))
-    batch = pd.Categorical(adata.obs[batch_key].astype(str))
-    return [str(c) for c in batch.categories], np.eye(len(batch.categories))[batch.codes]
+        levels, Z = ["all cells"], np.ones((adata.n_obs, 1))
+    else:
+        batch = pd.Categorical(adata.obs[batch_key].astype(str))
+        levels, Z = [str(c) for c in batch.categories], np.eye(len(batch.categories))[batch.codes]
+    columns = [Z]
+    for key in [] if covariate_keys is None else list(covariate_keys):  # a list, or an array read back from h5ad
+        c = _covariate(adata, key)
+        span = c.max() - c.min()
+        if span > 0:
+            levels += [f"{key} +", f"{key} −"]
+            columns.append(np.column_stack([(c - c.min()) / span, (c.max() - c) / span]))
+    return levels, np.hstack(columns)
+
+
+def _covariate(adata: ad.AnnData, key: str) -> np.ndarray:
+    """``obs[key]`` as finite floats, or a ValueError naming the column and the parameter."""
+    if key not in adata.obs:
+        raise ValueError(f"Column {key!r} (parameter 'covariate_keys') is not in obs; step 1 writes "
+                         "'log1p_total_counts' and 'pct_counts_mito'. Name numeric obs columns, or set "
+                         "'covariate_keys: []'.")
+    values = pd.to_numeric(adata.obs[key], errors="coerce").to_numpy(dtype=float)
+    if not np.isfinite(values).all():
+        raise ValueError(f"Column {key!r} (parameter 'covariate_keys') has {int((~np.isfinite(values)).sum())} "
+                         "missing, non-numeric or infinite values; a covariate needs a number for every cell.")
+    return values
 
 
 def _restart_labels(labels: np.ndarray, position: np.ndarray) -> np.ndarray:
@@ -414,7 +454,7 @@ def split_half(adata: ad.AnnData, groups_key: str, n_restarts: int = 5, solver: 
     # the same consensus procedure as the kept model (restarts on at most sweep_max_cells cells, then
     # fitted on all of them), on the learn half alone
     baseline = info.get("baseline") or {}
-    Z = baseline_design(adata, baseline["batch_key"])[1] if baseline else None
+    Z = baseline_design(adata, baseline["batch_key"], baseline.get("covariate_keys"))[1] if baseline else None
     model = info.get("model", "seminmf")
     X_learn, Z_learn = X[learn], _rows(Z, np.flatnonzero(learn))
     cells = _sweep_cells(X_learn.shape[0], info["params"].get("sweep_max_cells"), seed)

@@ -85,7 +85,8 @@ def show_factorization(adata) -> None:
         f"{info['relative_error']:.4f} on all cells, {info['holdout_relative_error']:.4f} on held-out cells; "
         f"stability {info['stability']:.2f}. Stored in obsm['X_snmf'] (usage), varm['snmf_loadings'] (loadings, unit "
         "L2 norm per program), varm['snmf_gene_scores'] (signed gene scores), varm['snmf_baseline'] (NMF: each "
-        "batch's baseline) and uns['snmf']."
+        "batch's baseline and the loadings of the technical covariates, uns['snmf']['baseline']['levels']) and "
+        "uns['snmf']."
     )
     pl.restart_similarity(info["restart_programs"], np.asarray(info["restart_labels"]), info["program_names"])
     plt.show()
