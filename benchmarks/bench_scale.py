@@ -569,7 +569,8 @@ def recovery_cells(row: dict) -> list[str]:
 
 def print_scaling_table(rows: list[dict]) -> None:
     headers = ["cells", "genes", "targets", "cluster", "nnz", "file", "write", "write peak", "run_all",
-               "run peak", "s / 1k cells", "status", "k", "cosine", "sensitivity", "strict FDP", "null hits"]
+               "run peak", "s / 1k cells", "status", "k", "cosine", "sensitivity", "strict FDP", "null hits",
+               "run (commit)"]
     table = []
     for row in sorted(rows, key=lambda r: (r["n_cells"], r["cluster"] != "none")):
         s = row["screen"]
@@ -577,10 +578,12 @@ def print_scaling_table(rows: list[dict]) -> None:
         table.append([fmt_cells(row["n_cells"]), row["genes"], row["targets"], row["cluster"], f"{s['nnz']:,}",
                       fmt_bytes(s["bytes"]), fmt_s(s["seconds"]), fmt_gib(s["peak_tree_rss_bytes"]),
                       fmt_s(row["wall_seconds"]), fmt_gib(row["peak_tree_rss_bytes"]), fmt_num(per_k),
-                      row["status"], *recovery_cells(row)])
+                      row["status"], *recovery_cells(row),
+                      f"{row.get('when', 'earlier')[:16]} ({row.get('commit', '?')})"])
     print_table(headers, table)
     print("  cosine: mean cosine of the planted programs' gene scores with the recovered ones; sensitivity: planted"
-          "\n  effects found; strict FDP: discoveries that are no planted pair; null hits: hits on targets that do nothing.")
+          "\n  effects found; strict FDP: discoveries that are no planted pair; null hits: hits on targets that do nothing."
+          "\n  Rows from earlier invocations (results/scale/*.json) are included; 'run' says when and from which commit.")
 
 
 def extrapolate(rows: list[dict], n_cells: int, key: str) -> float | None:
@@ -632,6 +635,28 @@ def print_targets(verdicts: list[dict]) -> None:
         else:
             line += f"{fmt_s(v['seconds'])}, peak {fmt_gib(v['peak'])} -> {v['result']}"
         print(line)
+
+
+def provenance() -> dict:
+    """When a run was made, and from which commit of this repository (``+`` when the tree had changes)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {"when": time.strftime("%F %T"), "commit": git("rev-parse", "--short", "HEAD") + ("+" if git(
+        "status", "--porcelain", "--untracked-files=no") else "")}
+
+
+def earlier_rows(rows: list[dict], prefix: str) -> list[dict]:
+    """The saved results of sizes and cluster modes this invocation did not run (``results/scale/``), so
+    that the scaling table and the targets cover every measurement; each row says when it was made."""
+    ran = {row["label"] for row in rows}
+    found = []
+    for path in sorted(RESULTS.glob(f"{prefix}scale_*.json")):
+        if prefix == "" and path.name.startswith("quick_"):
+            continue
+        row = json.loads(path.read_text())
+        if row["label"] not in ran:
+            found.append(row)
+    return found
 
 
 def machine() -> dict:
@@ -701,14 +726,16 @@ def main(argv: list[str] | None = None) -> int:
         screen = ensure_screen(args.data_dir, n_cells, args.genes, targets, args.compression)
         if not args.steps:
             continue
-        size_rows = [bench_run(screen, n_cells, args.genes, targets, cluster, args) for cluster in args.clusters]
+        size_rows = [bench_run(screen, n_cells, args.genes, targets, cluster, args) | provenance()
+                     for cluster in args.clusters]
         print(f"\n  {fmt_cells(n_cells)} cells: per step (time from data/run.json; peak = summed RSS of the process tree)")
         print_size_table(size_rows)
         rows += size_rows
-    if rows:
+    every = rows + earlier_rows(rows, "quick_" if args.quick else "")
+    if every:
         banner("Scaling")
-        print_scaling_table(rows)
-    verdicts = judge_targets(rows)
+        print_scaling_table(every)
+    verdicts = judge_targets(every)
     banner("Targets")
     print_targets(verdicts)
     seconds = time.perf_counter() - started
