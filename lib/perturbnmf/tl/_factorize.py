@@ -445,12 +445,7 @@ def split_half(adata: ad.AnnData, groups_key: str, n_restarts: int = 5, solver: 
     info = adata.uns["snmf"]
     layer, mask_var = info["params"].get("layer"), info["params"].get("mask_var")
     X = _used_matrix(adata, layer, mask_var)
-    rng = np.random.default_rng(seed)
-    labels = adata.obs[groups_key].astype(str).to_numpy()
-    learn = np.zeros(adata.n_obs, dtype=bool)
-    for label in np.unique(labels):
-        cells = rng.permutation(np.flatnonzero(labels == label))
-        learn[cells[: (len(cells) + 1) // 2]] = True
+    learn = _learn_half(adata.obs[groups_key].astype(str).to_numpy(), seed)
     # the same consensus procedure as the kept model (restarts on at most sweep_max_cells cells, then
     # fitted on all of them), on the learn half alone
     baseline = info.get("baseline") or {}
@@ -482,6 +477,20 @@ def split_half(adata: ad.AnnData, groups_key: str, n_restarts: int = 5, solver: 
     info["split_half"] = {"seed": int(seed), "n_learn": int(learn.sum()), "n_test": int((~learn).sum()),
                           "cosine": match["cosine"].to_numpy(dtype=float)}
     return match
+
+
+def _learn_half(labels: np.ndarray, seed: int) -> np.ndarray:
+    """Per group (in sorted label order), a random half of its cells (the larger half when odd): True for
+    learn cells. One grouping of the cells, not one scan per group (10,000 groups × 2 million cells)."""
+    rng = np.random.default_rng(seed)
+    codes, groups = pd.factorize(labels, sort=True)
+    order = np.argsort(codes, kind="stable")  # each group's cells in ascending order
+    bounds = np.searchsorted(codes[order], np.arange(len(groups) + 1))
+    learn = np.zeros(len(labels), dtype=bool)
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        cells = rng.permutation(order[start:stop])
+        learn[cells[: (len(cells) + 1) // 2]] = True
+    return learn
 
 
 def split_usage(adata: ad.AnnData) -> pd.DataFrame:
