@@ -726,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
         screen = ensure_screen(args.data_dir, n_cells, args.genes, targets, args.compression)
         if not args.steps:
             continue
-        size_rows = [bench_run(screen, n_cells, args.genes, targets, cluster, args) | provenance()
+        size_rows = [provenance() | bench_run(screen, n_cells, args.genes, targets, cluster, args)  # commit at start
                      for cluster in args.clusters]
         print(f"\n  {fmt_cells(n_cells)} cells: per step (time from data/run.json; peak = summed RSS of the process tree)")
         print_size_table(size_rows)

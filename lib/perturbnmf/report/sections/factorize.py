@@ -20,8 +20,10 @@ _MODEL_INTROS = {
            "non-negative) is how much each cell uses each program, <b>H</b> (k × genes, non-negative) the program's "
            "gene loadings. Both factors being non-negative makes the programs identifiable (the real programs, not "
            "blends of them), which is why NMF is the default (README, 'Which model'). Every batch's baseline "
-           "expression, shared by all its cells, has loadings of its own (fixed usage 1 for the batch's cells), so "
-           "the k programs are what varies between cells. Genes a program lowers show as negative <i>gene "
+           "expression, shared by all its cells, has loadings of its own (fixed usage 1 for the batch's cells), and "
+           "so has each technical covariate (<code>covariate_keys</code>: sequencing depth and the mitochondrial "
+           "share by default, each as known usage, genes free to rise or fall with it), so the k programs are "
+           "the biology that varies between cells. Genes a program lowers show as negative <i>gene "
            "scores</i> (regression of expression on usage).",
     "seminmf": "Semi-NMF (the original analysis's model) writes the normalised expression of the selected genes as "
                "<b>X ≈ W H</b>: <b>W</b> (cells × k, non-negative) is how much each cell uses each program, <b>H</b> "
