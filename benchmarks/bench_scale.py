@@ -96,9 +96,9 @@ TARGETS = [
 #: non-zero entries at 8,000 genes (~0.27), for the disk-space check before writing.
 BYTES_PER_NNZ = {None: 8.3, "lzf": 5.0, "gzip": 2.3}
 DENSITY_ESTIMATE = 0.3
-#: A run folder's data/preprocessed.h5ad and data/factorized.h5ad hold X, layers['counts'] and
-#: layers['normalized'] uncompressed: ~24 bytes per non-zero of the screen each (measured, --quick).
-RUN_BYTES_PER_NNZ = 48
+#: A run folder's data/preprocessed.h5ad (the selected genes, gzip) and factorized.h5ad: 0.6 bytes per
+#: non-zero of the screen at 2M cells (2.5 GB + 0.34 GB for 4.6 billion non-zeros); with a margin.
+RUN_BYTES_PER_NNZ = 1.0
 
 
 # --------------------------------------------------------------------------
