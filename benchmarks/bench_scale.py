@@ -68,6 +68,8 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import psutil
 import yaml
 
@@ -483,9 +485,9 @@ def classify(result: dict, cluster: str) -> tuple[str, str]:
     return ("refused" if rc == 2 else "failed"), message
 
 
-def bench_run(screen: dict, n_cells: int, genes: int, targets: int, cluster: str, args) -> dict:
+def bench_run(screen: dict, n_cells: int, genes: int, targets: int, cluster: str, args, label: str | None = None) -> dict:
     """Write the parameters and run the pipeline ``args.repeats`` times for one size and cluster mode."""
-    label = f"scale_{fmt_cells(n_cells)}_{genes}g_{targets}t_{cluster}"
+    label = label or f"scale_{fmt_cells(n_cells)}_{genes}g_{targets}t_{cluster}"
     output_dir = args.data_dir / "runs" / label
     params_path = args.data_dir / "params" / f"{label}.yaml"
     params = write_params(params_path, label, output_dir, {k: Path(v) for k, v in screen["files"].items()},
@@ -632,6 +634,8 @@ def print_targets(verdicts: list[dict]) -> None:
                          f"peak {fmt_gib(v['peak'])}; not a measurement)")
         elif "why" in v:
             line += f"{v['result']} ({v['why']})"
+        elif "detail" in v:
+            line += f"{v['detail']} -> {v['result']}"
         else:
             line += f"{fmt_s(v['seconds'])}, peak {fmt_gib(v['peak'])} -> {v['result']}"
         print(line)
@@ -679,6 +683,126 @@ def save(rows: list[dict], verdicts: list[dict], args, seconds: float) -> Path:
 
 
 # --------------------------------------------------------------------------
+# Spot check: the 2M run's hits against an in-process run of a 300k-cell subset
+# --------------------------------------------------------------------------
+SPOT_SOURCE = "scale_2M_8000g_10000t_local"
+SPOT_CELLS = 300_000
+SPOT_CONTROLS = 100_000
+#: Share of hits both runs make (Jaccard of (program, perturbation, sign)), fixed before measuring.
+SPOT_AGREEMENT = 0.9
+
+
+def spot_check_cells(source: Path) -> tuple[np.ndarray, list[str]]:
+    """The subset: all cells of randomly drawn targets (seed 0) and SPOT_CONTROLS control cells, SPOT_CELLS
+    in all, so each kept target has as many cells as in the whole screen (the same power per target)."""
+    import anndata
+
+    backed = anndata.read_h5ad(source, backed="r")
+    obs = backed.obs[["perturbation", "is_control"]].copy()
+    backed.file.close()
+    rng = np.random.default_rng(SEED)
+    keep = np.zeros(len(obs), dtype=bool)
+    keep[rng.choice(np.flatnonzero(obs["is_control"].to_numpy()), SPOT_CONTROLS, replace=False)] = True
+    sizes = obs.loc[~obs["is_control"], "perturbation"].astype(str).value_counts()
+    drawn = sizes.index[rng.permutation(len(sizes))]
+    chosen = list(drawn[: int(np.searchsorted(sizes[drawn].cumsum().to_numpy(), SPOT_CELLS - SPOT_CONTROLS))])
+    keep |= obs["perturbation"].isin(chosen).to_numpy()
+    return keep, chosen
+
+
+def spot_check_screen(args) -> dict:
+    """The subset's screen, written once next to the 2M screen (reused when present)."""
+    from perturbnmf import datasets
+
+    whole = screen_files(args.data_dir, 2_000_000, 8000, 10_000, "gzip")
+    if not whole["h5ad"].is_file():
+        raise SystemExit(f"error: --spot-check needs the 2M screen {whole['h5ad']}; run --sizes 2M --cluster local first")
+    files = {**whole, "h5ad": whole["h5ad"].with_name(whole["h5ad"].stem + "_subset300k.h5ad")}
+    record_path = files["h5ad"].with_suffix(".write.json")
+    if files["h5ad"].is_file() and record_path.is_file():
+        print(f"  subset: reusing {files['h5ad']}")
+        return {**json.loads(record_path.read_text()), "reused": True, "files": {k: str(v) for k, v in files.items()}}
+    keep, chosen = spot_check_cells(whole["h5ad"])
+    print(f"  subset: writing {files['h5ad']} ({keep.sum():,} cells: {len(chosen):,} targets and {SPOT_CONTROLS:,} "
+          "controls) ...", flush=True)
+    record = datasets.write_screen_subset(whole["h5ad"], files["h5ad"], keep)
+    record.update(peak_tree_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  n_chosen_targets=len(chosen))
+    record_path.write_text(json.dumps(record, indent=1))
+    print(f"  subset: {record['nnz']:,} non-zeros, {fmt_bytes(record['bytes'])}, written in {fmt_s(record['seconds'])}")
+    return {**record, "reused": False, "files": {k: str(v) for k, v in files.items()}}
+
+
+def run_hits(folder: Path, targets: set[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """A run folder's gene scores (genes x programs), hits and contrasts (restricted to ``targets``)."""
+    import anndata
+    from perturbnmf import tl
+
+    scores = tl.gene_scores(anndata.read_h5ad(folder / "data" / "factorized.h5ad", backed="r"))
+    hits, contrasts = (pd.read_csv(folder / "data" / name) for name in ("perturbation_hits.csv", "program_contrasts.csv"))
+    if targets is not None:
+        hits, contrasts = (t[t["perturbation"].isin(targets)] for t in (hits, contrasts))
+    return scores, hits, contrasts
+
+
+def compare_hits(whole: Path, subset: Path) -> dict:
+    """The whole screen's hits on the subset's targets vs the subset run's hits, programs matched one to one
+    by the cosine of their gene scores (shared genes); a hit is (program, perturbation, sign of the effect)."""
+    from perturbnmf.evaluation import match_programs
+
+    sub_scores, sub_hits, sub_contrasts = run_hits(subset)
+    targets = set(sub_contrasts["perturbation"])
+    scores, hits, contrasts = run_hits(whole, targets)
+    genes = scores.index.intersection(sub_scores.index)
+    match = match_programs(scores.loc[genes].to_numpy(), sub_scores.loc[genes].to_numpy(), list(scores.columns),
+                           list(sub_scores.columns))
+    to_subset = dict(zip(match["planted_program"], match["program"]))
+    as_set = lambda t, rename: {(rename(p), q, e > 0) for p, q, e in zip(t["program"], t["perturbation"], t["effect"])}
+    a, b = as_set(hits, to_subset.get), as_set(sub_hits, lambda p: p)
+    both = a & b
+    paired = contrasts.assign(program=contrasts["program"].map(to_subset)).merge(
+        sub_contrasts, on=["program", "perturbation"], suffixes=("", "_subset"))
+    return {"n_targets": len(targets), "n_genes_shared": len(genes), "k": scores.shape[1], "k_subset": sub_scores.shape[1],
+            "program_cosine": dict(zip(match["planted_program"], match["cosine"].round(4))),
+            "n_hits_whole": len(a), "n_hits_subset": len(b), "n_hits_both": len(both),
+            "jaccard": len(both) / max(1, len(a | b)), "whole_found_in_subset": len(both) / max(1, len(a)),
+            "subset_found_in_whole": len(both) / max(1, len(b)),
+            "n_opposite_sign": sum((p, q, not up) in b for p, q, up in a),
+            "effect_std_correlation": float(np.corrcoef(paired["effect_std"], paired["effect_std_subset"])[0, 1])}
+
+
+def spot_check(args) -> dict:
+    """Write the subset, run it in process and compare its hits with the 2M run's; the verdict."""
+    whole = args.data_dir / "runs" / SPOT_SOURCE
+    if not (whole / "data" / "perturbation_hits.csv").is_file():
+        raise SystemExit(f"error: --spot-check compares with the 2M run in {whole}; run --sizes 2M --cluster local first")
+    banner(f"Spot check: the 2M run's hits vs an in-process run of a {fmt_cells(SPOT_CELLS)}-cell subset")
+    screen = spot_check_screen(args)
+    row = provenance() | bench_run(screen, screen["n_cells"], screen["n_genes"], screen["n_targets"], "none", args,
+                                   label="spot_2M_subset300k_none")
+    if row["status"] == "complete":
+        row["comparison"] = compare_hits(whole, Path(row["runs"][-1]["run_folder"]))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "spot_check.json").write_text(json.dumps(row, indent=1, default=str))
+    return row
+
+
+def spot_verdict(row: dict | None) -> dict:
+    name = f"2M hits = in-process hits of a {fmt_cells(SPOT_CELLS)}-cell subset on its targets"
+    verdict = {"target": name, "limits": f"Jaccard of the hits >= {SPOT_AGREEMENT}"}
+    if row is None:
+        return verdict | {"result": "not measured", "seconds": None}
+    if "comparison" not in row:
+        return verdict | {"result": "NOT met", "why": f"{row['status']}: {row['explanation']}"}
+    c = row["comparison"]
+    ok = c["jaccard"] >= SPOT_AGREEMENT and c["n_opposite_sign"] == 0
+    return verdict | {"result": "met" if ok else "NOT met", "detail": (
+        f"{c['n_hits_both']:,} hits in both, {c['n_hits_whole']:,} in the 2M run and {c['n_hits_subset']:,} in the "
+        f"subset's on {c['n_targets']:,} targets: Jaccard {c['jaccard']:.3f}, {c['n_opposite_sign']} of opposite sign, "
+        f"effect correlation {c['effect_std_correlation']:.3f} ({row.get('when', '')[:16]}, {row.get('commit', '?')})")}
+
+
+# --------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -695,6 +819,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compression", default="gzip", choices=["gzip", "lzf", "none"],
                         help="HDF5 compression of the screens' X (default gzip: ~2.3 bytes per non-zero)")
     parser.add_argument("--timeout-min", type=float, default=0, help="stop a pipeline run after this many minutes")
+    parser.add_argument("--spot-check", action="store_true",
+                        help="after a 2M cluster-local run: run a 300k-cell subset in process and compare the hits")
     parser.add_argument("--write-screen", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.sizes = [parse_size(s) for s in (args.sizes or (QUICK_SIZES if args.quick else "100k,300k,1M,2M")).split(",")]
@@ -720,7 +846,7 @@ def main(argv: list[str] | None = None) -> int:
           f"started {time.strftime('%F %T')}\n  machine: {info['cpus']} CPUs, {fmt_gib(info['memory_bytes'])} memory "
           f"({fmt_gib(info['available_bytes'])} available), {info['platform']}; data in {args.data_dir}")
     rows = []
-    for n_cells in args.sizes:
+    for n_cells in ([] if args.spot_check else args.sizes):
         targets = args.targets or default_targets(n_cells, args.quick)
         banner(f"{fmt_cells(n_cells)} cells x {args.genes:,} genes x {targets:,} targets")
         screen = ensure_screen(args.data_dir, n_cells, args.genes, targets, args.compression)
@@ -735,7 +861,11 @@ def main(argv: list[str] | None = None) -> int:
     if every:
         banner("Scaling")
         print_scaling_table(every)
-    verdicts = judge_targets(every)
+    spot = spot_check(args) if args.spot_check else None
+    saved_spot = RESULTS / "spot_check.json"
+    if spot is None and saved_spot.is_file() and not args.quick:
+        spot = json.loads(saved_spot.read_text())
+    verdicts = judge_targets(every) + ([] if args.quick else [spot_verdict(spot)])
     banner("Targets")
     print_targets(verdicts)
     seconds = time.perf_counter() - started

@@ -178,3 +178,36 @@ def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_simulated_screen(tmp_path / "screen.h5ad", **SMALL)
     assert not list(tmp_path.iterdir())
+
+
+def test_subset_holds_the_kept_cells_and_their_truth(small_file, tmp_path):
+    full = anndata.read_h5ad(small_file[0])
+    targets = [t for t in full.obs["perturbation"].cat.categories if t != datasets.CONTROL_LABEL][:3]
+    keep = full.obs["perturbation"].isin([datasets.CONTROL_LABEL, *targets]).to_numpy()
+    path = tmp_path / "subset.h5ad"
+    summary = datasets.write_screen_subset(small_file[0], path, keep, chunk_cells=700)
+    sub = anndata.read_h5ad(path)
+    assert summary["n_cells"] == sub.n_obs == keep.sum() and summary["nnz"] == sub.X.nnz
+    assert _same_csr(sub.X, full.X[keep])
+    assert sub.obs_names.equals(full.obs_names[keep])
+    np.testing.assert_array_equal(sub.obsm["simulation_usage"], full.obsm["simulation_usage"][keep])
+    assert set(sub.obs["perturbation"].cat.categories) == {datasets.CONTROL_LABEL, *targets}
+    truth = sub.uns["simulation"]
+    assert set(truth["effects"]["perturbation"]) <= set(targets) and set(truth["targets"]) == set(targets)
+    planted = full.uns["simulation"]["effects"]
+    assert len(truth["effects"]) == planted["perturbation"].isin(targets).sum()
+    assert truth["subset_of"]["n_cells"] == full.n_obs
+
+
+def test_subset_positions_and_bad_cells(small_file, tmp_path):
+    n = anndata.read_h5ad(small_file[0], backed="r").n_obs
+    positions = np.arange(0, n, 7)
+    sub = anndata.read_h5ad(datasets.write_screen_subset(small_file[0], tmp_path / "s.h5ad", positions)["path"])
+    assert sub.n_obs == positions.size
+    with pytest.raises(ValueError, match="cells: a boolean mask"):
+        datasets.write_screen_subset(small_file[0], tmp_path / "t.h5ad", np.ones(n + 1, dtype=bool))
+    with pytest.raises(ValueError, match=r"cells: positions must lie"):
+        datasets.write_screen_subset(small_file[0], tmp_path / "t.h5ad", [n])
+    with pytest.raises(ValueError, match="cells: no cell"):
+        datasets.write_screen_subset(small_file[0], tmp_path / "t.h5ad", np.zeros(n, dtype=bool))
+    assert not (tmp_path / "t.h5ad").exists()

@@ -86,6 +86,7 @@ __all__ = [
     "PROGRAM_NAMES",
     "simulate_screen",
     "write_simulated_screen",
+    "write_screen_subset",
     "planted_gene_sets",
     "write_gmt",
     "write_cell_cycle_genes",
@@ -1253,6 +1254,122 @@ def _append_rows(group: h5py.Group, pieces: list[sp.csr_matrix]) -> None:
     n_rows = indptr.shape[0]
     indptr.resize((n_rows + pointers.size,))
     indptr[n_rows:] = pointers
+
+
+def write_screen_subset(source, path, cells, *, chunk_cells: int = 50_000, compression: str | None = "gzip") -> dict:
+    """Write some cells of a simulated screen on disk to a new ``.h5ad``, chunk by chunk.
+
+    For spot checks of a large screen on a part of it (e.g. a 300k-cell subset of a 2M-cell screen,
+    run in process and compared with the whole screen's run): the counts are read and written
+    ``chunk_cells`` source rows at a time, so neither matrix is ever held whole.
+
+    Parameters
+    ----------
+    source
+        An ``.h5ad`` written by :func:`write_simulated_screen` (CSR ``X``).
+    path
+        The subset's ``.h5ad`` (written as a hidden ``.partial`` file and renamed when complete).
+    cells
+        The cells to keep: a boolean mask or integer positions over the source's cells (kept in
+        the source's order).
+    chunk_cells
+        Source rows read at a time; memory follows it.
+    compression
+        HDF5 filter of the subset's ``X``: ``"gzip"`` (default), ``"lzf"`` or None.
+
+    Returns
+    -------
+    dict
+        ``path``, ``source``, ``n_cells``, ``n_genes``, ``n_targets`` (targets with a kept cell),
+        ``nnz``, ``bytes``, ``seconds``.
+
+    Notes
+    -----
+    ``obs``, ``var``, ``obsm`` and ``varm`` are the source's, restricted to the kept cells.
+    ``uns["simulation"]`` keeps only the targets with a kept cell (``effects``, ``guide_efficacy``,
+    ``null_targets``, ``targets``), so that a run on the subset is judged against the effects it
+    can see, and records ``subset_of`` (the source's path and cell count).
+    """
+    started = time.perf_counter()
+    source, path = pathlib.Path(source), pathlib.Path(path)
+    chunk_cells = _check_writer_args(path, chunk_cells, compression)
+    with h5py.File(source, "r") as f:
+        n_source = int(f["X"].attrs["shape"][0])
+    keep = _kept_cells(cells, n_source)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.stem}.partial-{os.getpid()}.h5ad")
+    try:
+        skeleton = _subset_skeleton(source, keep)
+        skeleton.write_h5ad(partial)
+        nnz = _copy_rows(source, partial, keep, chunk_cells, compression, skeleton.n_vars)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return {"path": str(path), "source": str(source), "n_cells": int(keep.sum()), "n_genes": skeleton.n_vars,
+            "n_targets": len(skeleton.uns["simulation"]["targets"]), "nnz": nnz, "bytes": path.stat().st_size,
+            "seconds": time.perf_counter() - started}
+
+
+def _kept_cells(cells, n_source: int) -> np.ndarray:
+    """``cells`` (mask or positions) as a boolean mask over ``n_source`` cells; clear errors otherwise."""
+    cells = np.asarray(cells)
+    if cells.dtype == bool:
+        if cells.shape != (n_source,):
+            raise ValueError(f"cells: a boolean mask must have one entry per source cell ({n_source:,}), "
+                             f"got shape {cells.shape}")
+        keep = cells
+    else:
+        if cells.ndim != 1 or not np.issubdtype(cells.dtype, np.integer):
+            raise ValueError("cells: pass a boolean mask or integer positions of the cells to keep")
+        if cells.size and (cells.min() < 0 or cells.max() >= n_source):
+            raise ValueError(f"cells: positions must lie in [0, {n_source:,})")
+        keep = np.zeros(n_source, dtype=bool)
+        keep[cells] = True
+    if not keep.any():
+        raise ValueError("cells: no cell is kept")
+    return keep
+
+
+def _subset_skeleton(source: pathlib.Path, keep: np.ndarray) -> anndata.AnnData:
+    """The source's obs, var, obsm, varm and uns for the kept cells, without ``X``."""
+    backed = anndata.read_h5ad(source, backed="r")
+    try:
+        adata = anndata.AnnData(obs=backed.obs[keep].copy(), var=backed.var.copy(),
+                                obsm={k: np.asarray(v)[keep] for k, v in backed.obsm.items()},
+                                varm={k: np.asarray(v) for k, v in backed.varm.items()}, uns=dict(backed.uns))
+    finally:
+        backed.file.close()
+    for column in adata.obs.select_dtypes("category"):
+        adata.obs[column] = adata.obs[column].cat.remove_unused_categories()
+    truth = adata.uns["simulation"] = dict(adata.uns["simulation"])
+    seen = set(adata.obs["perturbation"].astype(str))
+    truth["effects"] = truth["effects"][truth["effects"]["perturbation"].isin(seen)].reset_index(drop=True)
+    if "guide_efficacy" in truth:
+        truth["guide_efficacy"] = truth["guide_efficacy"][truth["guide_efficacy"]["perturbation"].isin(seen)]
+    truth["null_targets"] = [t for t in truth["null_targets"] if t in seen]
+    truth["targets"] = [t for t in truth["targets"] if t in seen]
+    truth["subset_of"] = {"path": str(source), "n_cells": int(keep.size)}
+    return adata
+
+
+def _copy_rows(source: pathlib.Path, path: pathlib.Path, keep: np.ndarray, chunk_cells: int,
+               compression: str | None, n_genes: int) -> int:
+    """Append the kept rows of the source's CSR ``X`` to ``path``'s, ``chunk_cells`` source rows at a time."""
+    with h5py.File(source, "r") as src, h5py.File(path, "a") as dst:
+        data, indices, indptr = src["X"]["data"], src["X"]["indices"], src["X"]["indptr"][:]
+        group = _create_csr_group(dst, (int(keep.sum()), n_genes), compression)
+        for start in range(0, keep.size, chunk_cells):
+            stop = min(start + chunk_cells, keep.size)
+            rows = keep[start:stop]
+            if not rows.any():
+                continue
+            lo, hi = int(indptr[start]), int(indptr[stop])
+            chunk = sp.csr_matrix((data[lo:hi], indices[lo:hi], indptr[start:stop + 1] - lo),
+                                  shape=(stop - start, n_genes))
+            _append_rows(group, [chunk[rows]])
+        nnz = int(group["data"].shape[0])
+        _narrow_indptr(group, nnz)
+    return nnz
 
 
 # --------------------------------------------------------------------------------------
