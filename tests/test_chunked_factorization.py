@@ -264,6 +264,21 @@ def test_distributed_cluster_gives_the_same_fit_and_keeps_w_on_the_workers(X, W0
     assert_allclose(usage, expected, rtol=1e-10, atol=1e-12)
 
 
+def test_in_memory_covariates_reach_the_workers_once_not_with_every_pass(X, client):
+    """Each pass's graph carries H and the chunk keys only: a covariate table wrapped from memory is
+    persisted once (silently: sending it is intended), so no pass resends its 2M x 6 values."""
+    Xd = chunked(X).persist()
+    Z = np.random.default_rng(2).random((N_CELLS, 8))  # 192 kB, above the lowered warning threshold
+    with dask.config.set({"distributed.admin.large-graph-warning-threshold": "100kB"}), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit = fit_chunked(Xd, K, covariates=Z, max_iter=8, random_state=0)
+        transform_chunked(Xd, fit.H, Z, fit.covariate_components).compute()
+        cross_products(Xd, np.hstack([Z, Z]))
+    assert fit.n_iter == 8
+    assert not [w for w in caught if "large graph" in str(w.message)]
+
+
 # --------------------------------------------------------------------------
 # 4. Bad input
 # --------------------------------------------------------------------------

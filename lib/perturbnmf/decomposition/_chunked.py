@@ -53,6 +53,7 @@ from threadpoolctl import threadpool_limits
 
 from ..errors import InputError, ParameterError
 from ._consensus import refit_usage
+from ._parallel import active_client
 from ._seminmf import (
     _NMF_INIT_H_SWEEPS,
     _canonical_csr,
@@ -343,7 +344,7 @@ def _prepare(X, n_components, nonnegative_h, W, covariates, random_state, chunk_
     Z = _row_chunked_like(covariates, X, "covariates")
     W0 = _row_chunked_like(W, X, "W", width=k)
     if wrapped:  # every pass reads X: wrapped once (under dask.distributed, sent to the workers once)
-        X = X.persist()
+        X = _sent_once(X)
     return _Problem(X=X, Z=Z, k=k, nonnegative_h=bool(nonnegative_h), seeds=seeds), W0
 
 
@@ -435,7 +436,22 @@ def _row_chunked_like(A, X, name, width=None):
         raise ParameterError(f"{name} must be numeric; got dtype {A.dtype}.")
     if isinstance(A, da.Array):
         return A.rechunk((X.chunks[0], -1))
-    return da.from_array(A, chunks=(X.chunks[0], -1))
+    return _sent_once(da.from_array(A, chunks=(X.chunks[0], -1)))
+
+
+def _sent_once(A):
+    """An array wrapped from the driver's memory, persisted: under ``dask.distributed`` its chunks go to
+    the workers once, not inside the graph of every pass that reads them (without a client the
+    chunks are views or row slices held in memory).
+
+    Sending that data is the point here, so distributed's warning about large graphs (meant for data
+    re-sent by mistake: ~100 MiB of covariates at 2M cells) is raised past its size for this call.
+    """
+    if active_client() is None:  # (no client: distributed's settings are not even loaded)
+        return A.persist()
+    limit = max(int(np.prod(A.shape, dtype=np.float64) * A.dtype.itemsize) * 2, 10 * 2**20)
+    with dask.config.set({"distributed.admin.large-graph-warning-threshold": limit}):
+        return A.persist()
 
 
 def _check_loadings(H, n_genes, name, n_rows=None):
@@ -625,7 +641,7 @@ def _map(func, arrays, args=(), chunk_args=None):
     -------
     list of dask.delayed.Delayed
     """
-    blocks = [None if a is None else a.to_delayed().ravel() for a in arrays]
+    blocks = [None if a is None else a.to_delayed(optimize_graph=False).ravel() for a in arrays]
     n_chunks = next(len(b) for b in blocks if b is not None)
     call = dask.delayed(func)
     return [call(*(None if b is None else b[i] for b in blocks), *args, *(chunk_args[i] if chunk_args else ()))
