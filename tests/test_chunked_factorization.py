@@ -15,7 +15,8 @@ from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.exceptions import ConvergenceWarning
 
 from perturbnmf import NMF, SemiNMF
-from perturbnmf.decomposition import cross_products, fit_chunked, polish_chunked, refit_usage, transform_chunked
+from perturbnmf.decomposition import (cross_products, fit_chunked, polish_chunked, refit_usage, relative_error,
+                                      relative_error_chunked, transform_chunked)
 from perturbnmf.errors import InputError, ParameterError
 
 N_CELLS, N_GENES, K = 3000, 200, 5
@@ -55,7 +56,7 @@ def batches():
     return Z
 
 
-def relative_error(X, objective):
+def objective_error(X, objective):
     return np.sqrt(2.0 * objective / sp.linalg.norm(X) ** 2)
 
 
@@ -141,6 +142,16 @@ def test_cross_products_are_one_pass_of_the_exact_products(X, batches):
     assert norm_sq == pytest.approx(float(X32.multiply(X32).sum()), rel=1e-12)
 
 
+def test_relative_error_chunked_is_the_in_memory_error(X):
+    W = np.random.default_rng(4).random((N_CELLS, K))
+    H = np.random.default_rng(5).random((K, N_GENES))
+    X32 = X.astype(np.float32)
+    assert relative_error_chunked(chunked(X), W, H) == pytest.approx(relative_error(X32, W, H), rel=1e-9)
+    exact = W @ H  # an exact fit: zero up to the Gram terms' rounding (~sqrt(eps)), as in memory
+    assert relative_error_chunked(chunked(exact), W, H) < 1e-7 and relative_error(exact, W, H) < 1e-7
+    assert np.isnan(relative_error_chunked(chunked(sp.csr_matrix((N_CELLS, N_GENES))), W, H))
+
+
 def test_polish_chunked_is_the_in_memory_consensus_fit(X, batches):
     """From consensus programs (here a short fit's, perturbed): the fitted optimum nearby, as in memory."""
     from perturbnmf.decomposition._consensus import _polish
@@ -168,11 +179,11 @@ def test_random_start_reaches_the_in_memory_error_and_is_reproducible_per_chunki
         with pytest.warns(ConvergenceWarning, match="max_iter=1"):
             other_seed = fit_chunked(chunked(X), K, random_state=1, max_iter=1)
         W = fit.W.compute()
-    error = relative_error(X, memory.objective_[-1])
+    error = objective_error(X, memory.objective_[-1])
     assert error < 0.2  # the planted rank-5 structure is found
     for result in (fit, other_chunks):
         assert result.converged
-        assert abs(relative_error(X, result.objective[-1]) - error) <= 0.01 * error
+        assert abs(objective_error(X, result.objective[-1]) - error) <= 0.01 * error
     assert_array_equal(again.objective, fit.objective)  # same seed and chunking: the same numbers
     assert_array_equal(again.W.compute(), W)
     assert other_seed.initial_objective != fit.initial_objective

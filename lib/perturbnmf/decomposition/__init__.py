@@ -17,9 +17,10 @@ from ._consensus import (
     suggest_k,
     with_covariates,
 )
-from ._chunked import ChunkedFit, cross_products, fit_chunked, polish_chunked, transform_chunked
+from ._chunked import (ChunkedFit, cross_products, fit_chunked, polish_chunked, relative_error_chunked,
+                       transform_chunked)
 from ._seminmf import NMF, SemiNMF
 
 __all__ = ["NMF", "SemiNMF", "MODELS", "ConsensusSweep", "consensus_sweep", "holdout_error", "refit_usage",
            "relative_error", "suggest_k", "with_covariates", "ChunkedFit", "fit_chunked",
-           "transform_chunked", "polish_chunked", "cross_products"]
+           "transform_chunked", "polish_chunked", "cross_products", "relative_error_chunked"]

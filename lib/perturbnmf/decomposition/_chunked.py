@@ -324,6 +324,41 @@ def cross_products(X, A, *, chunk_rows=DEFAULT_CHUNK_ROWS):
     return part["AtX"], part["norm_sq"]
 
 
+def relative_error_chunked(X, W, H, *, products=None, chunk_rows=DEFAULT_CHUNK_ROWS):
+    """``||X - W H||_F / ||X||_F`` chunk by chunk, judged as :func:`fit_chunked` judges its objective.
+
+    From the Gram terms of one pass (``W^T X`` and ``||X||^2``); when their rounding could exceed the
+    residual (a near-exact fit), the residual is formed chunk by chunk in a second pass instead.
+
+    Parameters
+    ----------
+    X : dask.array.Array, ndarray or sparse matrix of shape (n_cells, n_genes)
+    W : ndarray of shape (n_cells, k)
+    H : ndarray of shape (k, n_genes)
+    products : tuple (ndarray of shape (k, n_genes), float), optional
+        ``cross_products(X, W)`` when the caller has it (no pass of its own then).
+    chunk_rows : int, default=10000
+        Rows per chunk when X is not a Dask array.
+
+    Returns
+    -------
+    float
+        NaN for an all-zero X.
+    """
+    X = _as_row_chunked(X, chunk_rows)
+    W, H = np.asarray(W, dtype=np.float64), _check_loadings(H, X.shape[1], "H", n_rows=np.shape(W)[1])
+    WtX, norm_sq = cross_products(X, W) if products is None else products
+    if norm_sq == 0:
+        return float("nan")
+    terms = WtX * H
+    value = _gram_objective(norm_sq, float(terms.sum()), float(np.abs(terms).sum()), W.T @ W, H @ H.T,
+                            np.finfo(np.float64).eps)
+    if value is None:
+        value = 0.5 * _gather(_map(_chunk_residual, [X, _row_chunked_like(W, X, "W")], (dask.delayed(H),)))[
+            "residual_sq"]
+    return float(np.sqrt(2.0 * value / norm_sq))
+
+
 # --------------------------------------------------------------------------
 # Input checks
 # --------------------------------------------------------------------------

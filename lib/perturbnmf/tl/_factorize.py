@@ -32,7 +32,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.optimize import linear_sum_assignment
 
-from ..decomposition._chunked import cross_products, polish_chunked, transform_chunked
+from ..decomposition._chunked import cross_products, polish_chunked, relative_error_chunked, transform_chunked
 from ..decomposition._seminmf import _safe_Wt_X
 from ..decomposition._consensus import (SWEEP_TOL, ConsensusSweep, _polish, consensus_sweep, refit_usage,
                                         relative_error, with_covariates)
@@ -102,13 +102,19 @@ def regression_scores(X, W: np.ndarray) -> np.ndarray:
     B : ndarray of shape (k, n_genes)
         Zero rows for programs without variance.
     """
+    products = _transposed_product(X, np.hstack([W, np.ones((W.shape[0], 1))]))
+    return _regression_from_products(W, products[:-1], products[-1])
+
+
+def _regression_from_products(W: np.ndarray, WtX: np.ndarray, gene_sums: np.ndarray) -> np.ndarray:
+    """:func:`regression_scores` from ``W^T X`` (k × genes) and X's column sums: X is never centred."""
     n = W.shape[0]
     mean = W.mean(axis=0)
     sd = W.std(axis=0)
     varying = sd > 0
     Z = (W[:, varying] - mean[varying]) / sd[varying]
-    ZtX = _transposed_product(X, Z)  # Zᵀ X; Z has zero column means, so no centring of X
-    B = np.zeros((W.shape[1], X.shape[1]))
+    ZtX = (WtX[varying] - np.outer(mean[varying], gene_sums)) / sd[varying, None]  # Zᵀ X
+    B = np.zeros((W.shape[1], WtX.shape[1]))
     B[varying] = np.linalg.lstsq(Z.T @ Z / n, ZtX / n, rcond=None)[0]
     return B
 
@@ -193,7 +199,8 @@ def factorize(
         LOG.info("k = %d: fitting the consensus programs on all %d cells", chosen, X.shape[0])
         H, H_baseline = _fit_on_all_cells(X, H, H_baseline, Z, model, solver, max_iter, tol, seed)
     W, H, order = normalize_factors(_refit_all_usage(X, H, Z, H_baseline), H)
-    _store_factors(adata, used, W, H, regression_scores(X, W), None if Z is None else H_baseline)
+    scores, fitted_error = _scores_and_error(X, W, H, Z, H_baseline)
+    _store_factors(adata, used, W, H, scores, None if Z is None else H_baseline)
     table = result.table
     adata.uns["snmf"] = {
         "model": model,
@@ -204,8 +211,7 @@ def factorize(
         "seed": int(seed),
         "consensus": True,
         "n_restarts": int(n_restarts),
-        **_fit_record(result, chosen, n_restarts, _relative_error(X, *with_covariates(W, H, Z, H_baseline)),
-                      position=np.argsort(order)),
+        **_fit_record(result, chosen, n_restarts, fitted_error, position=np.argsort(order)),
         "params": {"k_values": [int(v) for v in k_values], "max_iter": int(max_iter), "tol": float(tol),
                    "density_threshold": None if density_threshold is None else float(density_threshold),
                    "holdout_fraction": float(holdout_fraction), "layer": layer, "mask_var": mask_var,
@@ -253,13 +259,15 @@ def _refit_all_usage(X, H: np.ndarray, Z, H_cov) -> np.ndarray:
     return refit_usage(X, H, Z, H_cov)
 
 
-def _relative_error(X, W: np.ndarray, H: np.ndarray) -> float:
-    """‖X − W H‖_F / ‖X‖_F (:func:`relative_error`; from one pass of Gram terms for a lazy X)."""
+def _scores_and_error(X, W: np.ndarray, H: np.ndarray, Z, H_cov) -> tuple[np.ndarray, float]:
+    """The gene scores (:func:`regression_scores`, k × genes) and the fit's relative error ‖X − [W Z][H; H_cov]‖ /
+    ‖X‖; for a lazy X both from one pass over its chunks (``Aᵀ X`` for A = [W, Z, 1])."""
+    W_all, H_all = with_covariates(W, H, Z, H_cov)
     if not isinstance(X, da.Array):
-        return relative_error(X, W, H)
-    WtX, norm_sq = cross_products(X, W)
-    residual_sq = norm_sq - 2.0 * float(np.sum(WtX * H)) + float(np.sum((W.T @ W) * (H @ H.T)))
-    return float(np.sqrt(max(residual_sq, 0.0) / norm_sq)) if norm_sq > 0 else float("nan")
+        return regression_scores(X, W), relative_error(X, W_all, H_all)
+    products, norm_sq = cross_products(X, np.hstack([W_all, np.ones((X.shape[0], 1))]))
+    scores = _regression_from_products(W, products[:W.shape[1]], products[-1])
+    return scores, relative_error_chunked(X, W_all, H_all, products=(products[:-1], norm_sq))
 
 
 def _transposed_product(X, A: np.ndarray) -> np.ndarray:
