@@ -271,3 +271,29 @@ def test_memory_guard_refuses_and_names_the_parameter(monkeypatch):
     with pytest.raises(InsufficientMemoryError, match="PERTURBNMF_MAX_MEMORY=50K"):
         check_dense_fits(100, 100, np.float64, "x", "y")
     assert available_memory() == 50 * 1024
+
+
+def test_the_kernel_writes_its_own_output_to_its_log_and_the_runner_keeps_no_handle(tmp_path):
+    """The kernel process's stdout/stderr go to kernel.log in the step's private folder (its tail joins a
+    dead kernel's message); the runner closes its own handle once the kernel has started."""
+    import asyncio
+
+    import psutil
+
+    from perturbnmf.report import runner
+
+    async def start_write_stop():
+        manager = runner._ipc_kernel_manager(tmp_path, tmp_path / "pids")(kernel_name="python3")
+        await manager.start_kernel()
+        client = manager.client()
+        client.start_channels()
+        await client.wait_for_ready(timeout=60)
+        await client.execute_interactive("import os; os.write(2, b'kernel says hello\\n')", timeout=60)
+        open_logs = [f.path for f in psutil.Process().open_files() if f.path.endswith(runner.KERNEL_LOG)]
+        client.stop_channels()
+        await manager.shutdown_kernel(now=True)
+        return open_logs
+
+    assert asyncio.run(start_write_stop()) == []
+    assert "kernel says hello" in (tmp_path / runner.KERNEL_LOG).read_text()
+    runner._kill_kernels()

@@ -151,10 +151,12 @@ def _ipc_kernel_manager(ipc_dir: Path, pid_file: Path):
             # the kernel process's own output (its log, e.g. "KeyboardInterrupt caught in kernel" when
             # jupyter_client interrupts it at shutdown) goes to a file, not the console; cells' output is in
             # the notebook, and the file's tail joins the message when the kernel dies
-            log = open(ipc_dir / KERNEL_LOG, "ab")  # in the step's private folder, removed after the step
-            kw.setdefault("stdout", log)
-            kw.setdefault("stderr", log)
-            await super().start_kernel(**kw)
+            # (in the step's private folder, removed after the step; the kernel keeps its own descriptor,
+            # so this process closes its handle once the kernel has started)
+            with open(ipc_dir / KERNEL_LOG, "ab") as log:
+                kw.setdefault("stdout", log)
+                kw.setdefault("stderr", log)
+                await super().start_kernel(**kw)
             process = getattr(self.provisioner, "process", None)
             if process is not None:
                 _KERNELS[process.pid] = process
