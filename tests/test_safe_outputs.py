@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from conftest import REPO_ROOT
 from test_reproducible import complete_run, run_all, snapshot, write_params
