@@ -15,7 +15,6 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
