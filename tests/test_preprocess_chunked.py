@@ -274,3 +274,18 @@ def test_memory_guards_name_the_parameter(files, monkeypatch, tmp_path):
     monkeypatch.setenv(pp.MAX_MEMORY_ENV, "1M")
     assert not pp.preprocessed_fits(tmp_path / "preprocessed.h5ad"), "step 2 then factorises it out of core"
     assert pp.preprocessed_fits(tmp_path / "missing.h5ad")
+
+
+def test_a_pass_on_a_cluster_reports_its_chunks_as_they_finish(files, caplog):
+    """On a dask.distributed cluster, as in process, a pass over the chunks logs its progress per chunk."""
+    distributed = pytest.importorskip("distributed")
+    adata = read(files / "screen.h5ad", chunk_cells=CHUNK)
+    n_chunks = adata.X.numblocks[0]
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0"), \
+            caplog.at_level("INFO", logger="perturbnmf"):
+        sums = np.concatenate(pp._per_chunk(adata.X, pp._chunk_row_sums))
+    assert n_chunks > 2 and sums.shape == (adata.n_obs,)
+    np.testing.assert_allclose(sums, np.asarray(adata.X.compute().sum(axis=1)).ravel())
+    messages = [r.getMessage() for r in caplog.records if r.name == "perturbnmf"]
+    assert [f"counts per cell: {i} of {n_chunks} chunks" for i in range(1, n_chunks)] == messages[:-1]
+    assert messages[-1] == f"counts per cell: {n_chunks} chunks of cells read"

@@ -458,13 +458,20 @@ def _per_chunk(X, func: Callable, *args) -> list:
         return [func(X, *args)]
     if X.numblocks[1] != 1:
         X = X.rechunk({1: -1})
-    what = _PASSES.get(func.__name__, func.__name__)
-    # chunks done are counted in this process (Dask's threads); a cluster's workers only report the pass's end
-    counted = func if active_client() is not None else _counted(func, X.numblocks[0], what)
-    call = dask.delayed(counted, pure=True)
-    results = list(dask.compute(*[call(block, *args) for block in X.to_delayed()[:, 0]]))
-    if X.numblocks[0] > 1:
-        LOG.info("%s: %d chunks of cells read", what, X.numblocks[0])
+    what, n_chunks, client = _PASSES.get(func.__name__, func.__name__), X.numblocks[0], active_client()
+    if client is None:  # chunks done are counted in this process (Dask's threads)
+        call = dask.delayed(_counted(func, n_chunks, what), pure=True)
+        results = list(dask.compute(*[call(block, *args) for block in X.to_delayed()[:, 0]]))
+    else:  # on a cluster, as the workers finish them
+        from distributed import as_completed
+
+        call = dask.delayed(func, pure=True)
+        futures = client.compute([call(block, *args) for block in X.to_delayed()[:, 0]])
+        for i, _ in enumerate(as_completed(futures), 1):
+            _log_chunks_done(i, n_chunks, what)
+        results = client.gather(futures)
+    if n_chunks > 1:
+        LOG.info("%s: %d chunks of cells read", what, n_chunks)
     return results
 
 
@@ -475,17 +482,22 @@ _PASSES = {"_chunk_row_sums": "counts per cell", "_scan_values": "checking the c
 
 def _counted(func: Callable, n_chunks: int, what: str) -> Callable:
     """``func`` that logs every tenth of the chunks it has done (in this process: Dask's threads)."""
-    done, lock, every = itertools.count(1), threading.Lock(), max(1, n_chunks // 10)
+    done, lock = itertools.count(1), threading.Lock()
 
     def run(chunk, *args):
         result = func(chunk, *args)
         with lock:
             i = next(done)
-        if i % every == 0 and i < n_chunks:
-            LOG.info("%s: %d of %d chunks", what, i, n_chunks)
+        _log_chunks_done(i, n_chunks, what)
         return result
 
     return run
+
+
+def _log_chunks_done(i: int, n_chunks: int, what: str) -> None:
+    """Log the pass's progress at every tenth of its chunks (its end is logged once, by the caller)."""
+    if i % max(1, n_chunks // 10) == 0 and i < n_chunks:
+        LOG.info("%s: %d of %d chunks", what, i, n_chunks)
 
 
 def _as_csr(X) -> sp.csr_matrix:
