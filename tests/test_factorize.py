@@ -184,19 +184,56 @@ def test_technical_covariates_keep_depth_from_taking_a_program():
         best[keys is None] = (truth @ tl.loadings(a).to_numpy()).max(axis=1)
     assert best[True].min() < 0.8, "without the covariate the programs are blended with depth"
     assert best[False].min() > 0.99
-    levels = a.uns["snmf"]["baseline"]["levels"]
-    assert levels == ["all cells", "log1p_total_counts +", "log1p_total_counts −"]  # a constant adds nothing
-    assert a.varm["snmf_baseline"].shape == (m, 3)
+    levels = list(a.uns["snmf"]["baseline"]["levels"])
+    n_knots = len(tl.COVARIATE_KNOTS)
+    assert levels[0] == "all cells" and len(levels) == 1 + n_knots  # a constant adds nothing
+    assert levels[1].startswith("log1p_total_counts = ") and levels[1].endswith("(q0)") and levels[-1].endswith("(q100)")
+    assert a.varm["snmf_baseline"].shape == (m, 1 + n_knots)
 
 
-def test_covariates_are_two_non_negative_columns_and_bad_ones_are_named():
-    obs = pd.DataFrame({"batch": ["a", "b", "a", "b"], "depth": [1.0, 2.0, 3.0, 5.0], "text": ["x", "y", "z", "w"]},
-                       index=list("abcd"))
-    a = ad.AnnData(X=np.ones((4, 2)), obs=obs)
+def test_covariates_are_tent_columns_at_their_quantiles_and_bad_ones_are_named():
+    """Each covariate as piecewise-linear tents at its quantile knots: non-negative, one per knot (1 there),
+    summing to one per cell, so non-negative loadings give any non-negative piecewise-linear curve."""
+    depth = np.array([1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 34.0])
+    obs = pd.DataFrame({"batch": list("abababab"), "depth": depth, "text": list("xyzwxyzw")}, index=list("cdefghij"))
+    a = ad.AnnData(X=np.ones((8, 2)), obs=obs)
     levels, Z = tl.baseline_design(a, "batch", ["depth"])
-    assert levels == ["a", "b", "depth +", "depth −"]
-    np.testing.assert_allclose(Z[:, 2], [0, 0.25, 0.5, 1]) and np.testing.assert_allclose(Z[:, 2] + Z[:, 3], 1)
+    knots = np.quantile(depth, tl.COVARIATE_KNOTS)
+    assert levels[:2] == ["a", "b"] and levels[2:] == [f"depth = {v:.4g} (q{100 * q:g})" for v, q in zip(knots, tl.COVARIATE_KNOTS)]
+    tents = Z[:, 2:]
+    assert (tents >= 0).all() and np.allclose(tents.sum(axis=1), 1.0)
+    np.testing.assert_allclose(tents[[0, -1]][:, [0, -1]], np.eye(2))  # min and max sit on the end knots
+    curve = 0.5 + np.abs(knots - 10.0)  # any non-negative curve through the knots: a V here
+    np.testing.assert_allclose(tents @ curve, np.interp(depth, knots, curve))
     with pytest.raises(ValueError, match="'missing' \\(parameter 'covariate_keys'\\) is not in obs"):
         tl.baseline_design(a, "batch", ["missing"])
-    with pytest.raises(ValueError, match="'text' \\(parameter 'covariate_keys'\\) has 4 missing, non-numeric"):
+    with pytest.raises(ValueError, match="'text' \\(parameter 'covariate_keys'\\) has 8 missing, non-numeric"):
         tl.baseline_design(a, None, ["text"])
+
+
+def test_a_bent_depth_effect_is_taken_up_by_the_covariate_curves(monkeypatch):
+    """Log-normalised expression bends with depth (here: it rises through the shallowest tenth of the cells,
+    then stays flat): a straight line in depth leaves the bend to the programs, the knots' curves take it
+    up and the planted programs come back."""
+    from perturbnmf.tl import _factorize
+
+    rng = np.random.default_rng(12)
+    n, m, k = 1200, 90, 3
+    W = rng.gamma(2.0, 0.5, (n, k)) * (rng.random((n, k)) < 0.6)
+    H = np.zeros((k, m))
+    for p in range(k):
+        H[p, p * 30:(p + 1) * 30] = rng.gamma(2.0, 1.0, 30)
+    depth = rng.normal(0.0, 1.0, n)
+    bend = np.minimum(depth, np.quantile(depth, 0.1)) - depth.min()
+    X = 1.0 + W @ H + 8.0 * np.outer(bend, rng.gamma(2.0, 0.5, m)) + 0.1 * rng.random((n, m))
+    obs = pd.DataFrame({"log1p_total_counts": depth}, index=[f"c{i}" for i in range(n)])
+    truth = H / np.linalg.norm(H, axis=1, keepdims=True)
+    best = {}
+    for knots in ((0.0, 1.0), tl.COVARIATE_KNOTS):
+        monkeypatch.setattr(_factorize, "COVARIATE_KNOTS", knots)
+        a = ad.AnnData(X=X, obs=obs)
+        tl.factorize(a, [k], n_restarts=2, seed=0, n_jobs=1, max_iter=300, holdout_fraction=0.0,
+                     covariate_keys=["log1p_total_counts"])
+        best[len(knots)] = (truth @ tl.loadings(a).to_numpy()).max(axis=1)
+    assert best[2].min() < 0.9, "a straight line leaves the bend to a program"
+    assert best[len(tl.COVARIATE_KNOTS)].min() > 0.99

@@ -224,8 +224,9 @@ SCHEMA: tuple[Parameter, ...] = (
     P("sweep_max_cells", "int | None", 50000, "the k sweep learns from a random subsample of at most this many cells "
       "(the kept k's programs are then fitted on all cells); None: all cells", (_FAC,), _positive_int),
     P("covariate_keys", "list[str] | None", ["log1p_total_counts", "pct_counts_mito"], "numeric obs columns of "
-      "technical variation fitted as known covariates beside the batch baselines (model nmf): sequencing depth and the "
-      "mitochondrial share then get loadings of their own instead of taking a program; [] or None: batches only",
+      "technical variation fitted as known covariates beside the batch baselines (model nmf), each gene following its "
+      "own piecewise-linear curve through knots at the covariate's quantiles (`tl.COVARIATE_KNOTS`): sequencing depth "
+      "and the mitochondrial share then get loadings of their own instead of taking a program; [] or None: batches only",
       (_FAC,), _covariate_keys),
     P("holdout_fraction", "float", 0.1, "share of cells held out to measure the error on cells the programs never saw",
       (_FAC,), _between(0, 0.5)),

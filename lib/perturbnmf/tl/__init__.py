@@ -8,6 +8,7 @@ a file or shows anything.
 """
 
 from ._factorize import (
+    COVARIATE_KNOTS,
     REPRODUCED_COSINE,
     baseline_design,
     factorize,
@@ -56,7 +57,7 @@ from .enrichment import (
 __all__ = [
     # factorisation
     "factorize", "factorized_matrix", "split_half", "usage", "split_usage", "loadings", "gene_scores", "program_names",
-    "normalize_factors", "regression_scores", "baseline_design", "REPRODUCED_COSINE",
+    "normalize_factors", "regression_scores", "baseline_design", "COVARIATE_KNOTS", "REPRODUCED_COSINE",
     # statistics
     "program_anova", "program_contrasts", "guide_effects", "add_consistency", "mark_primary", "significant_pairs",
     "control_null", "calibration_summary", "benjamini_hochberg", "METHODS", "PRIMARY_SHARE", "ANOVA_COLUMNS",

@@ -47,12 +47,18 @@ LOG = logging.getLogger("perturbnmf")
 #: are then fitted on all cells.
 SWEEP_MAX_CELLS = 50_000
 
+#: Knots of a technical covariate's curves (:func:`baseline_design`), as quantiles of its values: dense in
+#: the tails, where shallow or damaged cells bend expression most. Measured on simulated screens (k = 8, the
+#: planted programs' mean cosine): a straight line (knots 0, 1) 0.84 at 20k and 300k cells, these nine
+#: knots 0.90 and 0.92; evenly spaced deciles 0.91 at 300k.
+COVARIATE_KNOTS = (0.0, 0.02, 0.1, 0.3, 0.5, 0.7, 0.9, 0.98, 1.0)
+
 #: A kept program counts as reproduced on half of the cells when its loadings' cosine with its
 #: learn-half twin reaches this.
 REPRODUCED_COSINE = 0.8
 
 __all__ = ["factorize", "split_half", "factorized_matrix", "program_names", "usage", "split_usage", "loadings",
-           "gene_scores", "normalize_factors", "regression_scores", "baseline_design"]
+           "gene_scores", "normalize_factors", "regression_scores", "baseline_design", "COVARIATE_KNOTS"]
 
 
 def program_names(k: int) -> list[str]:
@@ -361,17 +367,21 @@ def _fit_record(result: ConsensusSweep, chosen: int, n_restarts: int, fitted_err
 
 def baseline_design(adata: ad.AnnData, batch_key: str | None,
                     covariate_keys: list[str] | None = None) -> tuple[list[str], np.ndarray]:
-    """Each cell's known usage: one indicator column per batch (a column of ones without a batch), then two
-    columns per technical covariate.
+    """Each cell's known usage: one indicator column per batch (a column of ones without a batch), then one
+    column per knot of each technical covariate.
 
-    A covariate c (``obs[key]``, numeric) enters as ``(c − min) / range`` ("key +") and
-    ``(max − c) / range`` ("key −"): both non-negative, so that with non-negative loadings each gene
-    can rise or fall with c. A covariate that does not vary adds nothing.
+    A covariate c (``obs[key]``, numeric) enters as the piecewise-linear "tent" functions of c with knots
+    at its quantiles :data:`COVARIATE_KNOTS` (a degree-1 B-spline basis): each column is 1 at its knot,
+    falls linearly to 0 at the neighbouring knots, and the columns of a cell sum to 1. With non-negative
+    loadings every gene then follows its own non-negative piecewise-linear curve in c — rising, falling or
+    bending, as log-normalised expression does with sequencing depth (a straight line leaves the bend to
+    be taken up by a program). A covariate that does not vary adds nothing.
 
     Returns
     -------
     levels : list of str
-        The batches (``["all cells"]`` without a batch key), then ``"<key> +"``, ``"<key> −"`` per covariate.
+        The batches (``["all cells"]`` without a batch key), then ``"<key> = <knot value> (q<percentile>)"``
+        per knot of each covariate: its column of loadings is every gene's baseline at that value.
     Z : ndarray of shape (n_cells, n_levels)
 
     Raises
@@ -387,10 +397,10 @@ def baseline_design(adata: ad.AnnData, batch_key: str | None,
     columns = [Z]
     for key in [] if covariate_keys is None else list(covariate_keys):  # a list, or an array read back from h5ad
         c = _covariate(adata, key)
-        span = c.max() - c.min()
-        if span > 0:
-            levels += [f"{key} +", f"{key} −"]
-            columns.append(np.column_stack([(c - c.min()) / span, (c.max() - c) / span]))
+        knots, first = np.unique(np.quantile(c, COVARIATE_KNOTS), return_index=True)
+        if knots.size > 1:
+            levels += [f"{key} = {value:.4g} (q{100 * COVARIATE_KNOTS[i]:g})" for value, i in zip(knots, first)]
+            columns.append(np.column_stack([np.interp(c, knots, unit) for unit in np.eye(knots.size)]))
     return levels, np.hstack(columns)
 
 

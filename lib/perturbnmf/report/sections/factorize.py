@@ -22,7 +22,8 @@ _MODEL_INTROS = {
            "blends of them), which is why NMF is the default (README, 'Which model'). Every batch's baseline "
            "expression, shared by all its cells, has loadings of its own (fixed usage 1 for the batch's cells), and "
            "so has each technical covariate (<code>covariate_keys</code>: sequencing depth and the mitochondrial "
-           "share by default, each as known usage, genes free to rise or fall with it), so the k programs are "
+           "share by default, each as known usage: every gene follows its own curve in it, piecewise linear through "
+           "knots at the covariate's quantiles), so the k programs are "
            "the biology that varies between cells. Genes a program lowers show as negative <i>gene "
            "scores</i> (regression of expression on usage).",
     "seminmf": "Semi-NMF (the original analysis's model) writes the normalised expression of the selected genes as "
