@@ -163,20 +163,25 @@ def test_a_lazy_matrix_is_factorised_out_of_core_to_the_in_memory_result():
         tl.factorize(ad.AnnData(X=lazy.X, obs=obs), [4], model="seminmf", solver="mu", sweep_max_cells=600)
 
 
-def test_technical_covariates_keep_depth_from_taking_a_program():
-    """Expression that rises with sequencing depth in every gene (as log-normalised data does): an NMF
-    without the covariate blends it into its programs; with ``covariate_keys`` the depth gets loadings
-    of its own and the planted programs come back."""
-    rng = np.random.default_rng(11)
-    n, m, k = 1000, 90, 3
+def _programs_and_depth(seed: int, n: int, m: int = 90, k: int = 3):
+    """Three planted programs of 30 genes each (usage W, n × k; unit-norm loadings ``truth``, k × m) and a
+    normal 'depth' per cell, for the covariate tests."""
+    rng = np.random.default_rng(seed)
     W = rng.gamma(2.0, 0.5, (n, k)) * (rng.random((n, k)) < 0.6)
     H = np.zeros((k, m))
     for p in range(k):
         H[p, p * 30:(p + 1) * 30] = rng.gamma(2.0, 1.0, 30)
-    depth = rng.normal(0.0, 1.0, n)
-    X = 1.0 + W @ H + 2.0 * np.outer(depth - depth.min(), rng.gamma(2.0, 0.5, m)) + 0.1 * rng.random((n, m))
+    return rng, W @ H, H / np.linalg.norm(H, axis=1, keepdims=True), rng.normal(0.0, 1.0, n)
+
+
+def test_technical_covariates_keep_depth_from_taking_a_program():
+    """Expression that rises with sequencing depth in every gene (as log-normalised data does): an NMF
+    without the covariate blends it into its programs; with ``covariate_keys`` the depth gets loadings
+    of its own and the planted programs come back."""
+    n, m, k = 1000, 90, 3
+    rng, programs, truth, depth = _programs_and_depth(11, n)
+    X = 1.0 + programs + 2.0 * np.outer(depth - depth.min(), rng.gamma(2.0, 0.5, m)) + 0.1 * rng.random((n, m))
     obs = pd.DataFrame({"log1p_total_counts": depth, "constant": 1.0}, index=[f"c{i}" for i in range(n)])
-    truth = H / np.linalg.norm(H, axis=1, keepdims=True)
     best = {}
     for keys in (None, ["log1p_total_counts", "constant"]):
         a = ad.AnnData(X=X, obs=obs)
@@ -217,17 +222,11 @@ def test_a_bent_depth_effect_is_taken_up_by_the_covariate_curves(monkeypatch):
     up and the planted programs come back."""
     from perturbnmf.tl import _factorize
 
-    rng = np.random.default_rng(12)
     n, m, k = 1200, 90, 3
-    W = rng.gamma(2.0, 0.5, (n, k)) * (rng.random((n, k)) < 0.6)
-    H = np.zeros((k, m))
-    for p in range(k):
-        H[p, p * 30:(p + 1) * 30] = rng.gamma(2.0, 1.0, 30)
-    depth = rng.normal(0.0, 1.0, n)
+    rng, programs, truth, depth = _programs_and_depth(12, n)
     bend = np.minimum(depth, np.quantile(depth, 0.1)) - depth.min()
-    X = 1.0 + W @ H + 8.0 * np.outer(bend, rng.gamma(2.0, 0.5, m)) + 0.1 * rng.random((n, m))
+    X = 1.0 + programs + 8.0 * np.outer(bend, rng.gamma(2.0, 0.5, m)) + 0.1 * rng.random((n, m))
     obs = pd.DataFrame({"log1p_total_counts": depth}, index=[f"c{i}" for i in range(n)])
-    truth = H / np.linalg.norm(H, axis=1, keepdims=True)
     best = {}
     for knots in ((0.0, 1.0), tl.COVARIATE_KNOTS):
         monkeypatch.setattr(_factorize, "COVARIATE_KNOTS", knots)
