@@ -650,11 +650,12 @@ def print_targets(verdicts: list[dict]) -> None:
 
 
 def provenance() -> dict:
-    """When a run was made, and from which commit of this repository (``+`` when the tree had changes)."""
+    """When a run was made, and from which commit of this repository (``+`` when the tree had changes other
+    than the benchmarks' own results)."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return {"when": time.strftime("%F %T"), "commit": git("rev-parse", "--short", "HEAD") + ("+" if git(
-        "status", "--porcelain", "--untracked-files=no") else "")}
+        "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results") else "")}
 
 
 def earlier_rows(rows: list[dict], prefix: str) -> list[dict]:
