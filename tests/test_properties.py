@@ -246,8 +246,14 @@ def _assert_dense_and_sparse_agree(X, k, solver, max_iter=8):
     scale = np.sqrt(np.sum(X**2)) + 1e-300
     np.testing.assert_allclose(W["csr"] @ models["csr"].components_, W["dense"] @ models["dense"].components_,
                                rtol=1e-6, atol=1e-7 * scale)
-    np.testing.assert_allclose(models["csr"].objective_, models["dense"].objective_, rtol=1e-6,
-                               atol=1e-9 * scale**2)
+    sparse_trace, dense_trace = models["csr"].objective_, models["dense"].objective_
+    n_common = min(len(sparse_trace), len(dense_trace))
+    np.testing.assert_allclose(sparse_trace[:n_common], dense_trace[:n_common], rtol=1e-6, atol=1e-9 * scale**2)
+    # a relative change at the stopping threshold (rounding apart) may end one fit an iteration later,
+    # but only where the objective no longer moves
+    longer = sparse_trace if len(sparse_trace) > len(dense_trace) else dense_trace
+    assert abs(len(sparse_trace) - len(dense_trace)) <= 1
+    np.testing.assert_allclose(longer[n_common - 1:], longer[n_common - 1], rtol=1e-9, atol=1e-12 * scale**2)
 
 
 @pytest.mark.filterwarnings("error:SemiNMF.transform:sklearn.exceptions.ConvergenceWarning")
