@@ -459,14 +459,15 @@ def _per_chunk(X, func: Callable, *args) -> list:
     if X.numblocks[1] != 1:
         X = X.rechunk({1: -1})
     what, n_chunks, client = _PASSES.get(func.__name__, func.__name__), X.numblocks[0], active_client()
-    if client is None:  # chunks done are counted in this process (Dask's threads)
-        call = dask.delayed(_counted(func, n_chunks, what), pure=True)
-        results = list(dask.compute(*[call(block, *args) for block in X.to_delayed()[:, 0]]))
-    else:  # on a cluster, as the workers finish them
+    # chunks done are counted in this process (Dask's threads), or on a cluster as the workers finish them
+    call = dask.delayed(func if client is not None else _counted(func, n_chunks, what), pure=True)
+    tasks = [call(block, *args) for block in X.to_delayed()[:, 0]]
+    if client is None:
+        results = list(dask.compute(*tasks))
+    else:
         from distributed import as_completed
 
-        call = dask.delayed(func, pure=True)
-        futures = client.compute([call(block, *args) for block in X.to_delayed()[:, 0]])
+        futures = client.compute(tasks)
         for i, _ in enumerate(as_completed(futures), 1):
             _log_chunks_done(i, n_chunks, what)
         results = client.gather(futures)
