@@ -5,12 +5,25 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PARAMS ?= params/demo.yaml
 
-.PHONY: report test venv lock clean
+.PHONY: report test lab venv lock clean
 report: $(VENV)/.installed
 	$(PY) run_all.py $(PARAMS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# JupyterLab on the notebooks with the project's kernel (extra options: make lab LAB_ARGS="--port 8890 --no-browser").
+# The notebooks ask for the kernel `python3`. `ipykernel install --sys-prefix` writes the venv's own python3
+# kernelspec (argv: this venv's python, by absolute path), and JUPYTER_PATH puts the venv's share/jupyter
+# first in the search, ahead of the user's (~/.local/share/jupyter), the system's and any other JUPYTER_PATH
+# entry, whatever JUPYTER_PREFER_ENV_PATH says: a `python3` kernelspec elsewhere cannot shadow it, while the
+# other kernels stay listed. (KernelSpecManager.kernel_dirs would be stricter but cannot be configured.)
+# As root (a container), JupyterLab refuses to start without --allow-root: given then.
+lab: $(VENV)/.installed
+	$(PY) -m ipykernel install --sys-prefix --name python3
+	JUPYTER_PATH="$(abspath $(VENV))/share/jupyter$${JUPYTER_PATH:+:$$JUPYTER_PATH}" \
+		$(PY) -m jupyter lab --ServerApp.root_dir="$(CURDIR)" --LabApp.default_url=/lab/tree/notebooks \
+		$(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 venv: $(VENV)/.installed
 
