@@ -1,9 +1,4 @@
-"""Figures for the four reports (scanpy's ``pl``): every figure titled, axes labelled.
-
-Each function draws with pyplot and returns the Figure; in a notebook end the call with
-``;`` so the inline backend shows it once. No backend is set here (setting ``Agg`` would
-silently drop every figure from the reports).
-"""
+"""The figures of the four steps' reports (re-exported by :mod:`perturbnmf.pl`)."""
 
 from __future__ import annotations
 
@@ -15,12 +10,6 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.colors import Normalize
-
-__all__ = [
-    "qc_distributions", "gene_selection", "cells_per_group", "cell_cycle_phases",
-    "k_selection", "restart_similarity", "objective_trace", "usage_heatmap", "loadings_heatmap", "similarity_heatmap",
-    "program_boxplots", "effect_heatmap", "null_qq", "enrichment_dotplot",
-]
 
 CONTROL_COLOR = "#7f7f7f"
 # Colour bar of clustered heatmaps right of the row labels (the default sits on the dendrograms).

@@ -141,7 +141,7 @@ def write_workbook(path: str | Path, sheets: dict[str, pd.DataFrame]) -> Path:
 
 #: summary.xlsx: sheet name -> the run file it holds (the answer first, then the original analysis's sheets).
 SUMMARY_SHEETS = {
-    "Perturbation Hits": "perturbation_hits", "Program Labels": "program_labels", "W_ANOVA": "program_anova",
+    "Perturbation Hits": "perturbation_hits", "Perturbations": "perturbation_summary", "Program Labels": "program_labels", "W_ANOVA": "program_anova",
     "Significant Factors": "program_anova", "Pathway Enrichment": "enrichment", "Top Pathways": "top_terms",
     "Program Contrasts": "program_contrasts", "Guide Effects": "guide_effects", "Prerank": "prerank",
     "Top Genes": "top_genes",

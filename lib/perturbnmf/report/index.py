@@ -12,6 +12,7 @@ import pandas as pd
 
 from ..tl import significant_pairs
 from . import provenance
+from .html import table_assets, table_markup
 from .runfolder import STEPS, RunPaths
 from .sections.factorize import model_name
 
@@ -30,11 +31,6 @@ code { font-size: 12px; } .failed { color: #b00020; font-weight: bold; }
 """
 
 
-def _frame_html(frame: pd.DataFrame) -> str:
-    formatters = {c: "{:.3g}".format for c in frame.columns if pd.api.types.is_float_dtype(frame[c])}
-    return frame.to_html(index=False, border=0, formatters=formatters, na_rep="–", escape=True)
-
-
 #: columns of the summary's hit table, in order, when present (name in the file -> heading)
 _HIT_COLUMNS = {
     "perturbation": "perturbation", "program": "program", "label": "program label", "role": "role", "n_cells": "cells",
@@ -43,37 +39,67 @@ _HIT_COLUMNS = {
 }
 
 
-def _top_hits_html(paths: RunPaths, fdr: float, n_hits: int) -> str:
-    """The answer: the strongest perturbation → program hits with their program's label and consistency."""
+def _hits_html(paths: RunPaths, fdr: float, page_size: int) -> str:
+    """The answer: the perturbation → program hits, strongest first, with their program's label and consistency,
+    in a table the reader can search for their target."""
     source = paths.perturbation_hits if paths.perturbation_hits.exists() else paths.program_contrasts
     if not source.exists():
         return ""
     # every column read as in the file (low_memory=False: a column empty on most rows, such as role, is
     # not split into parts of different types, which pandas warns about)
     hits = significant_pairs(pd.read_csv(source, low_memory=False), fdr)
-    top = hits.head(n_hits)
-    columns = [c for c in _HIT_COLUMNS if c in top.columns]
-    labelled = "label" in top.columns
-    text = ("<h2>Top perturbation → program effects</h2><p class='note'>Each row: cells with this perturbation "
+    columns = [c for c in _HIT_COLUMNS if c in hits.columns]
+    labelled = "label" in hits.columns
+    text = ("<h2>Perturbation → program effects</h2><p class='note'>Each row: cells with this perturbation "
             "use this program more (effect &gt; 0) or less than non-targeting control cells; effect is the "
             "difference of mean usage, d the standardised effect (Cohen's d), q the Benjamini–Hochberg q-value over "
             "all perturbation × program tests"
             + (", the program label its most enriched gene set (step 4)" if labelled else
                "; program labels appear once step 4 has run")
             + ("; role: primary = the perturbation's strongest programs, secondary = a smaller spill-over onto "
-               "another program" if "role" in top.columns else "")
+               "another program" if "role" in hits.columns else "")
             + ("; guides / batches agree counts the guides and batches whose own effect has the same sign"
-               if "consistency" in top.columns else "")
+               if "consistency" in hits.columns else "")
             + ("; q, split half is the test on half of the cells with programs learned on the other half"
-               if "qvalue_split" in top.columns else "")
-            + f". The {len(top)} strongest of {len(hits):,} hits at q &lt; {fdr}"
-            + (f"; all of them: <a href='data/{source.name}'>{source.name}</a>"
-               + (f" (rows with q &lt; {fdr})" if source == paths.program_contrasts else "")
-               if len(hits) > len(top) else "")
-            + ".</p>")
-    if not len(top):
-        return text + "<p>No hits.</p>"
-    return text + _frame_html(top[columns].rename(columns=_HIT_COLUMNS))
+               if "qvalue_split" in hits.columns else "")
+            + f". {len(hits):,} hits at q &lt; {fdr}, strongest first")
+    if not len(hits):
+        return text + ".</p><p>No hits.</p>"
+    markup, n_carried = table_markup(hits[columns].rename(columns=_HIT_COLUMNS), page_size)
+    return (text + _table_how(len(hits), n_carried, page_size, source.name,
+                              f" (rows with q &lt; {fdr})" if source == paths.program_contrasts else "")
+            + "</p>" + markup)
+
+
+def _table_how(n_rows: int, n_carried: int, page_size: int, file_name: str, rows_note: str = "") -> str:
+    """How to use an interactive table, and where all its rows are."""
+    link = f"<a href='data/{file_name}'>{file_name}</a>{rows_note}"
+    if n_rows <= page_size:
+        return f"; the table: {link}."
+    return ("; search (your target), sort (click a heading) and page through them"
+            + (f" (the first {n_carried:,} here)" if n_carried < n_rows else "") + f"; the table: {link}.")
+
+
+#: columns of the per-perturbation table (name in perturbation_summary.csv -> heading)
+_SUMMARY_COLUMNS = {"perturbation": "perturbation", "n_cells": "cells", "n_hits": "programs shifted",
+                    "strongest_program": "strongest program", "effect_std": "d", "qvalue": "q",
+                    "programs_up": "raised", "programs_down": "lowered"}
+
+
+def _summary_html(paths: RunPaths, fdr: float, page_size: int) -> str:
+    """Every tested perturbation, one row each: what did *my* target do, hit or not."""
+    if not paths.perturbation_summary.exists():
+        return ""
+    summary = pd.read_csv(paths.perturbation_summary, keep_default_na=False, na_values=[""],
+                          dtype={"perturbation": str, "programs_up": str, "programs_down": str})
+    summary[["programs_up", "programs_down"]] = summary[["programs_up", "programs_down"]].fillna("")
+    markup, n_carried = table_markup(summary[list(_SUMMARY_COLUMNS)].rename(columns=_SUMMARY_COLUMNS), page_size)
+    n_hit = int((summary["n_hits"] > 0).sum())
+    return ("<h2>Every perturbation</h2><p class='note'>One row per perturbation tested against the controls "
+            f"({n_hit:,} of {len(summary):,} shift at least one program at q &lt; {fdr}): programs shifted = its hits; "
+            "strongest program = the hit with the largest |d| or, without a hit, the program with the smallest q, "
+            "with that test's d and q; raised / lowered = the programs it shifts up / down"
+            + _table_how(len(summary), n_carried, page_size, paths.perturbation_summary.name) + "</p>" + markup)
 
 
 def _selection_cards(paths: RunPaths) -> list[tuple[str, Any]]:
@@ -149,23 +175,25 @@ def _steps_html(paths: RunPaths, record: dict[str, Any]) -> str:
     return "<h2>Reports</h2><table><tr><th>step</th><th>status, time</th></tr>" + "".join(links) + "</table>"
 
 
-def write_index(paths: RunPaths, record: dict[str, Any], fdr: float = 0.05, n_hits: int = 15) -> Path:
-    """``index.html``: the answer first (top hits), then key results, links, timings, parameters, provenance."""
+def write_index(paths: RunPaths, record: dict[str, Any], fdr: float = 0.05, page_size: int = 15) -> Path:
+    """``index.html``: the answer first (the hits, and every perturbation, searchable), then key results, links,
+    timings, parameters, provenance."""
     run_name = html.escape(record["parameters"].get("run_name", ""))
     files = sorted(p.name for p in paths.data.iterdir()) if paths.data.exists() else []
     parts = [
         f"<h1>perturbnmf report: {run_name}</h1>",
         "<p>Gene programs learned from a Perturb-seq screen by consensus matrix factorisation, the perturbations "
         "that shift them against non-targeting controls, and the gene sets that describe them.</p>",
-        _top_hits_html(paths, fdr, n_hits),
+        _hits_html(paths, fdr, page_size),
         _cards_html(paths, fdr),
+        _summary_html(paths, fdr, page_size),
         _steps_html(paths, record),
         "<h2>Result files</h2><p>" + ", ".join(f'<a href="data/{html.escape(f)}">{html.escape(f)}</a>'
                                                for f in files) + "</p>",
         "<h2>Parameters and provenance</h2>" + provenance.to_html(record),
     ]
     page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>perturbnmf: "
-            f"{run_name}</title><style>{_INDEX_CSS}</style></head><body>{''.join(parts)}</body></html>")
+            f"{run_name}</title><style>{_INDEX_CSS}</style>{table_assets()}</head><body>{''.join(parts)}</body></html>")
     path = paths.root / "index.html"
     path.write_text(page, encoding="utf-8")
     return path

@@ -44,6 +44,10 @@ def _positive_int(v):
     return None if v >= 1 else "must be an integer >= 1"
 
 
+def _umap_cells(v):
+    return None if v >= 100 else "must be at least 100 (a neighbours graph needs cells), or None for all cells"
+
+
 def _non_negative(v):
     return None if v >= 0 else "must be >= 0"
 
@@ -234,11 +238,15 @@ SCHEMA: tuple[Parameter, ...] = (
       _positive_int),
     P("split_half", "bool", True, "also learn the programs on half of each group's cells, so step 3 can test on the "
       "other half", (_FAC,)),
+    P("umap_max_cells", "int | None", 50000, "cells embedded in the UMAP of program usage: above this many, a "
+      "subsample in which every perturbation keeps its share of the cells; None: all cells", (_FAC,), _umap_cells),
     P("test", "str", "auto", 'perturbation vs control test: "auto" (the Mann-Whitney rank test, stratified by batch), '
       '"mannwhitney", "welch", "ols_batch"', (_STA,), _choice("auto", "welch", "ols_batch", "mannwhitney")),
     P("fdr", "float", 0.05, "false discovery rate for calling programs and effects significant", (_STA, _ENR),
       _probability),
     P("n_top_programs", "int", 6, "programs shown as boxplots", (_STA, _ENR), _positive_int),
+    P("n_top_targets", "int", 11, "perturbations with the most hits shown as program profiles and on the UMAP of the "
+      "cells", (_STA,), _positive_int),
     P("n_top_genes", "int", 100, "genes per program and side (positive / negative gene scores)", (_ENR,),
       _positive_int),
     P("min_set_size", "int", 3, "gene sets with fewer genes among the analysed genes are not tested", (_ENR,),

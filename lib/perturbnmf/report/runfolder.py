@@ -65,6 +65,7 @@ class RunPaths:
     k_selection_json: Path
     program_anova: Path
     program_contrasts: Path
+    perturbation_summary: Path
     guide_effects: Path
     split_half: Path
     calibration_null: Path
@@ -89,6 +90,7 @@ class RunPaths:
             preprocessed=data / "preprocessed.h5ad", genes=data / "genes.csv", factorized=data / "factorized.h5ad",
             k_sweep=data / "k_sweep.csv", k_selection_json=data / "k_selection.json",
             program_anova=data / "program_anova.csv", program_contrasts=data / "program_contrasts.csv",
+            perturbation_summary=data / "perturbation_summary.csv",
             guide_effects=data / "guide_effects.csv", split_half=data / "split_half.csv",
             calibration_null=data / "calibration_null.csv", calibration_json=data / "calibration.json",
             recovery_json=data / "demo_recovery.json", top_genes=data / "top_genes.csv",

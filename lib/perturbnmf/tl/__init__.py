@@ -36,7 +36,8 @@ from ._contrasts import (
     significant_pairs,
 )
 from ._double_dipping import add_split_columns, split_half_comparison
-from ._hits import top_hit_programs, with_labels
+from ._embedding import UMAP_BASIS, stratified_sample, umap
+from ._hits import SUMMARY_COLUMNS, perturbation_summary, top_hit_programs, top_targets, with_labels
 from . import enrichment
 from .enrichment import (
     ENRICHMENT_COLUMNS,
@@ -58,11 +59,12 @@ __all__ = [
     # factorisation
     "factorize", "factorized_matrix", "split_half", "usage", "split_usage", "loadings", "gene_scores", "program_names",
     "normalize_factors", "regression_scores", "baseline_design", "COVARIATE_KNOTS", "REPRODUCED_COSINE",
+    "umap", "stratified_sample", "UMAP_BASIS",
     # statistics
     "program_anova", "program_contrasts", "guide_effects", "add_consistency", "mark_primary", "significant_pairs",
     "control_null", "calibration_summary", "benjamini_hochberg", "METHODS", "PRIMARY_SHARE", "ANOVA_COLUMNS",
     "CONTRAST_COLUMNS", "CONSISTENCY_COLUMNS", "split_half_comparison", "add_split_columns", "with_labels",
-    "top_hit_programs",
+    "top_hit_programs", "perturbation_summary", "top_targets", "SUMMARY_COLUMNS",
     # enrichment
     "enrichment", "read_gmt", "load_library", "top_genes", "over_representation", "top_terms", "prerank",
     "tidy_term", "program_labels", "LibraryUnavailableError", "TOP_GENES_COLUMNS", "ENRICHMENT_COLUMNS", "PRERANK_COLUMNS", "LABEL_COLUMNS",

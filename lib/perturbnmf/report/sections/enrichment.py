@@ -53,7 +53,7 @@ def show_enrichment(enrichment_table: pd.DataFrame, fdr: float, n_background: in
                         "the list in the set / genes in the list; term size counts the set's genes among the "
                         f"background (the {n_background} factorised genes); q = Benjamini–Hochberg over the gene "
                         "sets of one library tested for one list.",
-               full=f"enrichment.csv, rows with qvalue < {fdr} (every tested set is there)")
+               max_rows=15, interactive=True, full=f"enrichment.csv, rows with qvalue < {fdr} (every tested set is there)")
 
 
 def show_program_labels(labels: pd.DataFrame, fdr: float) -> None:
@@ -122,13 +122,13 @@ def show_labelled_hits(hits: pd.DataFrame, fdr: float) -> None:
                                 "(spill-over), effect = shift of mean usage against control cells, effect_std = Cohen's d, "
                                 "consistency = guides and batches agreeing in sign, qvalue_split = the test on half "
                                 "of the cells with programs learned on the other half. All: perturbation_hits.csv.",
-               full="perturbation_hits.csv (and every test in program_contrasts.csv)")
+               max_rows=15, interactive=True, full="perturbation_hits.csv (and every test in program_contrasts.csv)")
 
 
 def show_workbook(paths) -> None:
-    html.note(f"Workbook {paths.summary_xlsx.name}: sheets Perturbation Hits, Program Labels, W_ANOVA, Significant "
+    html.note(f"Workbook {paths.summary_xlsx.name}: sheets Perturbation Hits, Perturbations (one row per perturbation), Program Labels, W_ANOVA, Significant "
               "Factors, Pathway Enrichment, Top Pathways, Program Contrasts, Guide Effects, Prerank, Top Genes (those "
               "that were computed); a table longer than Excel's sheets allow "
               f"({artifacts.EXCEL_MAX_ROWS - 1:,} rows) continues on numbered sheets (Guide Effects (1), (2), …). "
-              f"CSV: {paths.perturbation_hits.name}, {paths.program_labels.name}, "
+              f"CSV: {paths.perturbation_hits.name}, {paths.perturbation_summary.name}, {paths.program_labels.name}, "
               f"{paths.top_genes.name}, {paths.enrichment.name}.")

@@ -12,7 +12,7 @@ from ... import pl, tl
 from .. import html
 
 __all__ = ["show_header", "intro", "model_name", "show_k_selection", "show_factorization", "show_program_recovery",
-           "show_split_half_programs", "show_split_half_skipped"]
+           "show_split_half_programs", "show_split_half_skipped", "show_cells"]
 
 
 _MODEL_INTROS = {
@@ -124,3 +124,21 @@ def show_split_half_programs(adata, match: pd.DataFrame) -> None:
 
 def show_split_half_skipped() -> None:
     html.note("Skipped (parameter split_half is false): step 3 tests on the cells that shaped the programs.")
+
+
+def show_cells(adata) -> None:
+    """The cells on the UMAP of their program usage, one panel per program (at most 12)."""
+    info = adata.uns[tl.UMAP_BASIS]
+    params = info["params"]
+    n_programs = len(adata.uns["snmf"]["program_names"])
+    subsample = (f"a subsample of {info['n_cells']:,} of the {adata.n_obs:,} cells, every {params['stratified_by']} "
+                 "keeping its share (parameter umap_max_cells)" if info["n_cells"] < adata.n_obs
+                 else f"all {adata.n_obs:,} cells")
+    html.note(f"A neighbours graph ({params['n_neighbors']} neighbours) and UMAP (min_dist {params['min_dist']}, "
+              f"seed {params['random_state']}) of {subsample}, on their usage of the {n_programs} programs (each "
+              "divided by its standard deviation, so every program weighs the same). Cells close together use the "
+              "programs alike. Stored in obsm['X_umap_snmf'] (NaN for cells not embedded), its parameters in "
+              "uns['umap_snmf']: <code>sc.pl.embedding(adata, basis='umap_snmf', color=...)</code> works on "
+              "factorized.h5ad. Step 3 shows the cells of the perturbations with the most hits on it."
+              + (f" The first 12 of the {n_programs} programs are shown." if n_programs > 12 else ""))
+    html.compact_figure(pl.program_embedding(adata))

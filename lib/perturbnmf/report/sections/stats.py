@@ -11,7 +11,8 @@ from ... import pl, tl
 from .. import html
 
 __all__ = ["show_header", "show_anova", "show_hits", "show_guide_consistency", "show_guides_skipped",
-           "show_split_half", "show_split_half_skipped", "show_calibration", "show_effect_recovery"]
+           "show_split_half", "show_split_half_skipped", "show_calibration", "show_effect_recovery",
+           "show_perturbation_summary", "show_target_profiles", "show_target_cells"]
 
 INTRO = ("Which programs differ across perturbation groups (one ANOVA per program), and which perturbation "
          "shifts which program compared with the non-targeting control cells (one test per perturbation × program, "
@@ -53,7 +54,49 @@ def show_hits(hits: pd.DataFrame, method: str, batch_key: str | None, fdr: float
                  f"{tl.PRIMARY_SHARE:.0%} of it, secondary = a smaller shift of another program (spill-over); "
                  "consistency counts the target's guides and the batches whose own effect has the "
                  "same sign; guide_heterogeneity_pvalue tests whether the target's guides differ from each other.",
+               max_rows=15, interactive=True,
                full=f"program_contrasts.csv, rows with qvalue < {fdr} (every perturbation × program test is there)")
+
+
+def show_perturbation_summary(summary: pd.DataFrame, fdr: float) -> None:
+    """Every tested perturbation in one searchable table: what it did to the programs."""
+    n_hit = int((summary["n_hits"] > 0).sum())
+    html.table(summary, f"Every perturbation tested against the controls, one row each ({n_hit:,} of {len(summary):,} "
+                        f"shift at least one program at q < {fdr}): n_hits = programs shifted; strongest_program = "
+                        "its hit with the largest |d| (the primary program) or, without a hit, the program with the "
+                        "smallest q, with that test's effect_std (Cohen's d) and qvalue; programs_up / programs_down "
+                        "= the hit programs raised / lowered, largest |d| first.",
+               max_rows=15, interactive=True, full="perturbation_summary.csv")
+
+
+def show_target_profiles(contrasts: pd.DataFrame, targets: list[str], fdr: float) -> None:
+    """Per target, its standardised effect on every program: which program is primary, which spill-over."""
+    if not targets:
+        html.note(f"No perturbation shifts a program at q < {fdr}: no program profiles to show.")
+        return
+    html.note(f"The program profile of the {len(targets)} perturbations with the most hits (ties: the largest |d|; "
+              "parameter n_top_targets): each bar is the perturbation's standardised effect on one program against "
+              f"control cells, coloured when the test is significant (q < {fdr}). The tallest coloured bar is the "
+              "primary program; smaller coloured bars are spill-over onto programs that share genes with it. Every "
+              "perturbation's numbers: perturbation_summary.csv and program_contrasts.csv.")
+    pl.program_profiles(contrasts, targets, fdr)
+    plt.show()
+
+
+def show_target_cells(adata, groups: pd.Series, targets: list[str], control_label: str,
+                      summary: pd.DataFrame) -> None:
+    """The cells of the controls and of the perturbations with the most hits on step 2's program-usage UMAP."""
+    if tl.UMAP_BASIS not in adata.uns:
+        html.note("No program-usage UMAP in factorized.h5ad (step 2 ran before it was added): run step 2 again.")
+        return
+    strongest = summary.set_index("perturbation")
+    notes = {t: f"primary {strongest.at[t, 'strongest_program']} (d = {strongest.at[t, 'effect_std']:.2f})"
+             for t in targets}
+    html.note("Step 2's UMAP of the cells on their program usage: in each panel the cells of one group in colour, "
+              "every embedded cell in grey. A perturbation that shifts a program moves its cells toward the region "
+              "where that program is used (step 2 shows each program's usage on the same map); a modest shift of "
+              "mean usage (|d| well below 1) moves the cloud only a little.")
+    html.compact_figure(pl.perturbation_embedding(adata, groups, targets, control_label, notes=notes))
 
 
 def show_guide_consistency(hits: pd.DataFrame, guide_table: pd.DataFrame, n_shown: int = 12) -> None:
