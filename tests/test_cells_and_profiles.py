@@ -133,3 +133,24 @@ def test_program_profiles_colour_the_hits(contrasts):
     assert first.get_title().startswith("A (2 hits") and first.get_ylabel() == "Cohen's d"
     assert "perturbations with the most hits" in fig._suptitle.get_text()
     plt.close(fig)
+
+
+def test_compact_figure_keeps_a_scatter_of_cells_small(monkeypatch):
+    import io
+
+    from PIL import Image
+
+    from perturbnmf.report import html
+
+    shown = []
+    monkeypatch.setattr("IPython.display.display", shown.append)
+    adata = _factorized(n_groups=60)
+    tl.umap(adata, "perturbation", max_cells=None, seed=0)
+    fig = pl.program_embedding(adata)
+    full = io.BytesIO()
+    fig.savefig(full, format="png", dpi=100, bbox_inches="tight", facecolor="white")
+    size = html.compact_figure(fig)
+    assert not plt.fignum_exists(fig.number)  # closed: the inline backend does not show it a second time
+    assert len(shown) == 1 and len(shown[0].data) == size < full.tell() / 2
+    image = Image.open(io.BytesIO(shown[0].data))
+    assert image.mode == "P" and len(image.getcolors()) <= 64
