@@ -78,7 +78,11 @@ def umap(adata: ad.AnnData, groups_key: str | None = None, max_cells: int | None
     spread = usage[chosen].std(axis=0)
     scaled = usage[chosen] / np.where(spread > 0, spread, 1.0)
     cells = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names[chosen]), obsm={"X_usage": scaled})
-    sc.pp.neighbors(cells, n_neighbors=min(n_neighbors, len(chosen) - 1), use_rep="X_usage", random_state=seed)
+    # exact neighbours (scikit-learn): the usage has only k dimensions, where a tree search is fast (50,000
+    # cells in ~15 s); scanpy's default above 4,096 cells, pynndescent, hands scanpy a sparse array it cannot
+    # read with scipy >= 1.15 (AttributeError: getnnz)
+    sc.pp.neighbors(cells, n_neighbors=min(n_neighbors, len(chosen) - 1), use_rep="X_usage", random_state=seed,
+                    transformer="sklearn")
     sc.tl.umap(cells, min_dist=min_dist, random_state=seed)
     coordinates = np.full((n_total, 2), np.nan, dtype=np.float32)
     coordinates[chosen] = cells.obsm["X_umap"]
