@@ -55,7 +55,7 @@
     var bar = element("div", "pnmf-itable-bar");
     var search = element("input");
     search.type = "search";
-    search.placeholder = 'Search, e.g. a target ("IRF1": exact cell)';
+    search.placeholder = 'Search, e.g. IRF1 ("IRF1": whole cell)';
     search.setAttribute("aria-label", "Search the table");
     var sizes = element("select");
     sizes.setAttribute("aria-label", "Rows per page");
