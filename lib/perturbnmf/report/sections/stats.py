@@ -77,7 +77,8 @@ def show_target_profiles(contrasts: pd.DataFrame, targets: list[str], fdr: float
     html.note(f"The program profile of the {len(targets)} perturbations with the most hits (ties: the largest |d|; "
               "parameter n_top_targets): each bar is the perturbation's standardised effect on one program against "
               f"control cells, coloured when the test is significant (q < {fdr}). The tallest coloured bar is the "
-              "primary program; smaller coloured bars are spill-over onto programs that share genes with it. Every "
+              "primary program; smaller coloured bars are spill-over onto programs that share genes with it. Each panel "
+              "has its own scale (read the size of an effect on its axis). Every "
               "perturbation's numbers: perturbation_summary.csv and program_contrasts.csv.")
     pl.program_profiles(contrasts, targets, fdr)
     plt.show()
