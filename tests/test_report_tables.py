@@ -82,6 +82,8 @@ def many_target_run(tmp_path_factory):
     contrasts["qvalue"] = tl.benjamini_hochberg(contrasts["pvalue"].to_numpy())
     contrasts.to_csv(paths.program_contrasts, index=False)
     tl.perturbation_summary(contrasts, 0.05).to_csv(paths.perturbation_summary, index=False)
+    pd.DataFrame({"program": PROGRAMS, "label": [f"{p} ↑ planted set {p}" for p in PROGRAMS]}).to_csv(
+        paths.program_labels, index=False)  # step 4's labels name the strongest program
     record = provenance.collect({"run_name": "many"})
     return paths, write_index(paths, record, fdr=0.05, page_size=15)
 
@@ -126,6 +128,7 @@ def test_index_tables_search_and_sort_in_a_browser(many_target_run):
 
     hits, summary = _tables(_dom(index, search="TGT0125"))
     assert summary["shown"] == 1 and summary["rows"][0][0] == "TGT0125"
+    assert summary["rows"][0][3] == "P02 ↑ planted set P02"  # its strongest program, by its label
     assert f"(filtered from {N_TARGETS})" in summary["info"]
     assert hits["shown"] == 1 and hits["rows"][0][:2] == ["TGT0125", "P02"]
     # a target without a hit: found among the perturbations, none among the hits

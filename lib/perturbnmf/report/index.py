@@ -93,6 +93,10 @@ def _summary_html(paths: RunPaths, fdr: float, page_size: int) -> str:
     summary = pd.read_csv(paths.perturbation_summary, keep_default_na=False, na_values=[""],
                           dtype={"perturbation": str, "programs_up": str, "programs_down": str})
     summary[["programs_up", "programs_down"]] = summary[["programs_up", "programs_down"]].fillna("")
+    if paths.program_labels.exists():  # step 4 ran: name the strongest program by its label
+        labels = pd.read_csv(paths.program_labels)
+        summary["strongest_program"] = summary["strongest_program"].map(
+            dict(zip(labels["program"], labels["label"]))).fillna(summary["strongest_program"])
     markup, n_carried = table_markup(summary[list(_SUMMARY_COLUMNS)].rename(columns=_SUMMARY_COLUMNS), page_size)
     n_hit = int((summary["n_hits"] > 0).sum())
     return ("<h2>Every perturbation</h2><p class='note'>One row per perturbation tested against the controls "
