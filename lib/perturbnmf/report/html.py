@@ -17,8 +17,8 @@ __all__ = ["header", "note", "warning", "table", "table_markup", "table_assets",
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 _TABLE_ASSETS = TEMPLATES / "perturbnmf_report"
-#: Rows an interactive table carries in the page (a genome-wide screen has 10,000 perturbations; about
-#: 60 bytes a row, so the page stays near 1 MB at most); the full tables are in the data folder.
+#: Rows an interactive table carries in the page: every perturbation of a genome-wide screen (10,000), at
+#: 60-150 bytes a row, so a table adds at most ~1.5 MB; the full tables are in the data folder.
 INTERACTIVE_MAX_ROWS = 10_000
 
 
