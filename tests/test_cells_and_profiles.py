@@ -155,3 +155,22 @@ def test_compact_figure_keeps_a_scatter_of_cells_small(monkeypatch):
     assert len(shown) == 1 and len(shown[0].data) == size < full.tell() / 2
     image = Image.open(io.BytesIO(shown[0].data))
     assert image.mode == "P" and len(image.getcolors()) <= 64
+
+
+@pytest.mark.filterwarnings("ignore:The set_bad function:PendingDeprecationWarning")  # scanpy's own call
+def test_factorized_h5ad_of_a_run_carries_the_embedding_for_scanpy(tiny_run):
+    import scanpy as sc
+
+    run, _ = tiny_run
+    adata = ad.read_h5ad(run / "data" / "factorized.h5ad")
+    xy = adata.obsm["X_umap_snmf"]
+    assert xy.shape == (adata.n_obs, 2) and np.isfinite(xy).all()  # a tiny screen: every cell embedded
+    params = adata.uns["umap_snmf"]["params"]
+    assert params["random_state"] == 0 and params["stratified_by"] == "perturbation"
+    assert params["max_cells"] == 50_000 and adata.uns["umap_snmf"]["n_cells"] == adata.n_obs
+    sc.pl.embedding(adata, basis="umap_snmf", color="perturbation", show=False)
+    plt.close("all")
+    summary = pd.read_csv(run / "data" / "perturbation_summary.csv")
+    contrasts = pd.read_csv(run / "data" / "program_contrasts.csv")
+    assert list(summary.columns) == tl.SUMMARY_COLUMNS
+    assert set(summary["perturbation"]) == set(contrasts["perturbation"])
