@@ -90,6 +90,7 @@ def test_embedding_figures_are_titled_and_one_panel_per_group():
                                     notes={"TGT001": "primary P02"})
     titles = [ax.get_title() for ax in fig.axes if ax.get_visible() and ax.get_title()]
     assert titles[0].startswith("non-targeting") and titles[1].startswith("TGT001") and "primary P02" in titles[1]
+    assert " of 40 cells" in titles[1]  # on a subsample: how many of the target's cells are embedded
     # each panel draws its group's embedded cells on top of the rest
     embedded = np.isfinite(adata.obsm["X_umap_snmf"]).all(axis=1)
     n_target = int((adata.obs["perturbation"][embedded] == "TGT001").sum())

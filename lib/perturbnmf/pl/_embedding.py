@@ -105,7 +105,9 @@ def perturbation_embedding(adata, groups: pd.Series, targets: list[str], control
         Target → a short text added to its panel title (e.g. its primary program).
     """
     cells, xy = _embedded(adata, basis)
-    labels = np.asarray(groups.astype(str))[cells]
+    all_labels = np.asarray(groups.astype(str))
+    labels = all_labels[cells]
+    subsampled = len(cells) < len(all_labels)
     panels = [control_label] + [t for t in targets if t != control_label]
     fig, axes = _panel_grid(len(panels), ncols)
     size = _point_size(len(cells))
@@ -115,7 +117,9 @@ def perturbation_embedding(adata, groups: pd.Series, targets: list[str], control
         colour = CONTROL_COLOR if group == control_label else HIT_COLOR
         ax.scatter(xy[mine, 0], xy[mine, 1], c=colour, s=max(size * 3, 4), linewidths=0, rasterized=True)
         note = (notes or {}).get(group)
-        title = f"{_shorten(group, 24)} ({int(mine.sum()):,} cells)" + (f"\n{note}" if note else "")
+        count = (f"{int(mine.sum()):,} of {int((all_labels == group).sum()):,} cells" if subsampled
+                 else f"{int(mine.sum()):,} cells")
+        title = f"{_shorten(group, 24)} ({count})" + (f"\n{note}" if note else "")
         _style_panel(ax, title + (" — controls" if group == control_label else ""))
     fig.suptitle(f"Cells of the control group and of the {len(panels) - 1} perturbations with the most hits on "
                  f"the program-usage UMAP (grey: all {_subsample_text(adata, len(cells), basis)})",

@@ -96,7 +96,10 @@ def show_target_cells(adata, groups: pd.Series, targets: list[str], control_labe
     html.note("Step 2's UMAP of the cells on their program usage: in each panel the cells of one group in colour, "
               "every embedded cell in grey. A perturbation that shifts a program moves its cells toward the region "
               "where that program is used (step 2 shows each program's usage on the same map); a modest shift of "
-              "mean usage (|d| well below 1) moves the cloud only a little.")
+              "mean usage (|d| well below 1) moves the cloud only a little."
+              + (f" Step 2 embedded a subsample of {adata.uns[tl.UMAP_BASIS]['n_cells']:,} of the {adata.n_obs:,} "
+                 "cells (parameter umap_max_cells), every perturbation keeping its share: each panel shows the "
+                 "group's cells in it." if adata.uns[tl.UMAP_BASIS]["n_cells"] < adata.n_obs else ""))
     html.compact_figure(pl.perturbation_embedding(adata, groups, targets, control_label, notes=notes))
 
 
