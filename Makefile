@@ -18,11 +18,15 @@ test: $(VENV)/.installed
 # first in the search, ahead of the user's (~/.local/share/jupyter), the system's and any other JUPYTER_PATH
 # entry, whatever JUPYTER_PREFER_ENV_PATH says: a `python3` kernelspec elsewhere cannot shadow it, while the
 # other kernels stay listed. (KernelSpecManager.kernel_dirs would be stricter but cannot be configured.)
-# As root (a container), JupyterLab refuses to start without --allow-root: given then.
+# As root (a container), JupyterLab refuses to start without --allow-root: given then. Offline machines:
+# no news feed or update check from the internet, and (overrides.json) no prompt asking to allow them.
+LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings
 lab: $(VENV)/.installed
 	$(PY) -m ipykernel install --sys-prefix --name python3
+	mkdir -p $(LAB_SETTINGS) && printf '%s\n' '{"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": false}}' > $(LAB_SETTINGS)/overrides.json
 	JUPYTER_PATH="$(abspath $(VENV))/share/jupyter$${JUPYTER_PATH:+:$$JUPYTER_PATH}" \
 		$(PY) -m jupyter lab --ServerApp.root_dir="$(CURDIR)" --LabApp.default_url=/lab/tree/notebooks \
+		--LabApp.news_url=None --LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate \
 		$(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 venv: $(VENV)/.installed
