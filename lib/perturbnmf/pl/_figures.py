@@ -735,7 +735,7 @@ def _row_labels(data: pd.DataFrame, keys: list, tidy_terms: bool, wrap_width: in
     dedup = data.drop_duplicates("_term_key")
     first = dict(zip(dedup["_term_key"], dedup["term"]))
     if tidy_terms:
-        from .tl import tidy_term
+        from ..tl import tidy_term
         names = [tidy_term(first[k], max_chars=None) for k in keys]
     else:
         names = [str(first[k]) for k in keys]
