@@ -3,11 +3,10 @@ program's usage, and by perturbation."""
 
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ._figures import CONTROL_COLOR, _shorten
+from ._figures import CONTROL_COLOR, _panel_grid, _shorten
 
 HIT_COLOR = "#c0392b"
 BACKGROUND_COLOR = "#d9d9d9"
@@ -26,15 +25,6 @@ def _embedded(adata, basis: str) -> tuple[np.ndarray, np.ndarray]:
 def _point_size(n_cells: int) -> float:
     # scanpy's rule (120,000 / cells), bounded so a few hundred cells stay visible
     return float(np.clip(120_000 / max(n_cells, 1), 0.3, 12))
-
-
-def _panel_grid(n_panels: int, ncols: int, width: float = 3.3, height: float = 3.0):
-    ncols = max(1, min(ncols, n_panels))
-    nrows = int(np.ceil(n_panels / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows + 0.7), squeeze=False)
-    for ax in axes.flat[n_panels:]:
-        ax.set_visible(False)
-    return fig, list(axes.flat[:n_panels])
 
 
 def _style_panel(ax, title: str) -> None:
@@ -73,7 +63,7 @@ def program_embedding(adata, programs: list[str] | None = None, labels: dict | N
     programs = list(programs or names)[:max_panels]
     cells, xy = _embedded(adata, basis)
     usage = np.asarray(adata.obsm["X_snmf"])[cells]
-    fig, axes = _panel_grid(len(programs), ncols)
+    fig, axes = _panel_grid(len(programs), ncols, width=3.3, height=3.0, header=0.7)
     size = _point_size(len(cells))
     for ax, program in zip(axes, programs):
         values = usage[:, names.index(program)]
@@ -109,7 +99,7 @@ def perturbation_embedding(adata, groups: pd.Series, targets: list[str], control
     labels = all_labels[cells]
     subsampled = len(cells) < len(all_labels)
     panels = [control_label] + [t for t in targets if t != control_label]
-    fig, axes = _panel_grid(len(panels), ncols)
+    fig, axes = _panel_grid(len(panels), ncols, width=3.3, height=3.0, header=0.7)
     size = _point_size(len(cells))
     for ax, group in zip(axes, panels):
         mine = labels == group

@@ -31,6 +31,17 @@ def _group_height(n_groups: int, per_group: float = 0.28, minimum: float = 3.0) 
     return max(minimum, per_group * n_groups + 1.2)
 
 
+def _panel_grid(n_panels: int, ncols: int, width: float, height: float, header: float = 0.0):
+    """A figure of ``n_panels`` panels of ``width`` × ``height`` inches, ``ncols`` a row, ``header`` inches
+    above them; the grid's unused cells hidden. Returns the figure and the panels' axes, in order."""
+    ncols = max(1, min(ncols, n_panels))
+    nrows = int(np.ceil(n_panels / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows + header), squeeze=False)
+    for ax in axes.flat[n_panels:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n_panels])
+
+
 # --- 01 preprocess -----------------------------------------------------------------------
 
 def qc_distributions(obs: pd.DataFrame, batch_key: str | None = None):
@@ -371,17 +382,13 @@ def program_boxplots(usage: pd.DataFrame, groups: pd.Series, programs: list[str]
     (q < ``fdr``) with the largest effects (|Cohen's d|), or without a hit the few largest |d|; without
     it, the perturbations that shift the program's mean usage most.
     """
-    n = len(programs)
-    ncols = min(ncols, n)
-    nrows = int(np.ceil(n / ncols))
     n_groups = groups.nunique()
     frame = usage[programs].assign(_group=groups.astype(str).to_numpy())
     panels = {program: _panel_groups(frame, program, control_label, max_groups, contrasts, fdr)
               for program in programs}
     tallest = max(len(order) for order, _ in panels.values())
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, _group_height(tallest, 0.2, 3.5) * nrows),
-                             squeeze=False)
-    for ax, program in zip(axes.flat, programs):
+    fig, axes = _panel_grid(len(programs), ncols, width=5.2, height=_group_height(tallest, 0.2, 3.5))
+    for ax, program in zip(axes, programs):
         order, which = panels[program]
         colors = {g: (CONTROL_COLOR if g == control_label else "#4c72b0") for g in order}
         sns.boxplot(data=frame[frame["_group"].isin(order)] if n_groups > max_groups else frame, y="_group",
@@ -394,8 +401,6 @@ def program_boxplots(usage: pd.DataFrame, groups: pd.Series, programs: list[str]
         ax.tick_params(axis="y", labelsize=7)
         title = (titles or {}).get(program, program)
         ax.set_title(title + (f"\n{which}" if which else ""), fontsize=10 if not which else 9)
-    for ax in list(axes.flat)[n:]:
-        ax.set_visible(False)
     _boxplot_suptitle(fig, n_groups, max_groups, contrasts is not None)
     return fig
 
@@ -516,20 +521,16 @@ def volcano(contrasts: pd.DataFrame, fdr: float, labels: dict | None = None, nco
         Program → label for the panel titles.
     """
     programs = list(dict.fromkeys(contrasts["program"]))
-    ncols = max(1, min(ncols, len(programs)))
-    nrows = int(np.ceil(len(programs) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.0 * nrows + 0.6), squeeze=False)
+    fig, axes = _panel_grid(len(programs), ncols, width=3.6, height=3.0, header=0.6)
     # room beside the outermost points for their names
     x_limit = float(np.nanmax(np.abs(contrasts["effect_std"]))) * 1.35 if len(contrasts) else 1.0
-    for ax, program in zip(axes.flat, programs):
+    for ax, program in zip(axes, programs):
         n_hits = _volcano_panel(ax, contrasts[contrasts["program"] == program], fdr, x_limit, n_named)
         ax.set_title(_shorten((labels or {}).get(program, program), 38) + f" ({n_hits} hit{'s' * (n_hits != 1)})",
                      fontsize=9)
         ax.set_xlabel("effect (Cohen's d)", fontsize=8)
         ax.set_ylabel("−log10 p", fontsize=8)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(programs):]:
-        ax.set_visible(False)
     n_perturbations = contrasts["perturbation"].nunique()
     handles = [plt.Line2D([], [], marker="o", linestyle="", color="#b0b0b0", label=f"q ≥ {fdr}"),
                plt.Line2D([], [], marker="o", linestyle="", color="#c0392b", label=f"q < {fdr} (hit)")]

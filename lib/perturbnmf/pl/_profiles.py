@@ -6,8 +6,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ._embedding import _panel_grid
-from ._figures import _shorten
+from ._figures import _panel_grid, _shorten
 
 UP_COLOR, DOWN_COLOR, NOT_SIGNIFICANT_COLOR = "#c0392b", "#2c7fb8", "#c8c8c8"
 
@@ -26,7 +25,8 @@ def program_profiles(contrasts: pd.DataFrame, targets: list[str], fdr: float, nc
     """
     programs = sorted(contrasts["program"].unique())
     rows = contrasts[contrasts["perturbation"].isin(targets)].set_index(["perturbation", "program"])
-    fig, axes = _panel_grid(len(targets), ncols, width=max(2.6, 0.28 * len(programs) + 1.2), height=2.6)
+    fig, axes = _panel_grid(len(targets), ncols, width=max(2.6, 0.28 * len(programs) + 1.2), height=2.6,
+                             header=0.7)
     x = np.arange(len(programs))
     for ax, target in zip(axes, targets):
         mine = rows.loc[target].reindex(programs)
