@@ -121,8 +121,9 @@ def test_perturbation_summary_one_row_per_target(contrasts):
     # C's only hit (P03, smaller |d|) is its strongest, not the larger non-significant P01
     assert summary.loc["C", "strongest_program"] == "P03" and summary.loc["C", "qvalue"] == 0.01
     assert summary.loc["D", "n_hits"] == 0 and summary.loc["D", "programs_up"] == ""
-    assert tl.top_targets(contrasts, 0.05, 2) == ["A", "B"]
-    assert tl.top_targets(contrasts, 0.05, 10) == ["A", "B", "C"]  # no target without a hit
+    summary = summary.reset_index()
+    assert tl.top_targets(summary, 2) == ["A", "B"]
+    assert tl.top_targets(summary, 10) == ["A", "B", "C"]  # no target without a hit
 
 
 def test_program_profiles_colour_the_hits(contrasts):

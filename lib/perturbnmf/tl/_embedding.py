@@ -69,14 +69,15 @@ def umap(adata: ad.AnnData, groups_key: str | None = None, max_cells: int | None
     n_total = usage.shape[0]
     if max_cells is not None and max_cells < n_neighbors + 1:
         raise ValueError(f"max_cells = {max_cells} is too small for a neighbours graph of {n_neighbors} "
-                         "neighbours; give at least 100, or None for all cells")
+                         f"neighbours; give at least {n_neighbors + 1}, or None for all cells")
     if max_cells is None or max_cells >= n_total:
         chosen = np.arange(n_total)
     else:
         groups = adata.obs[groups_key] if groups_key else np.zeros(n_total)
         chosen = stratified_sample(groups, max_cells, seed)
-    spread = usage[chosen].std(axis=0)
-    scaled = usage[chosen] / np.where(spread > 0, spread, 1.0)
+    embedded = usage[chosen]
+    spread = embedded.std(axis=0)
+    scaled = embedded / np.where(spread > 0, spread, 1.0)
     cells = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names[chosen]), obsm={"X_usage": scaled})
     # exact neighbours (scikit-learn): the usage has only k dimensions, where a tree search is fast (50,000
     # cells in ~15 s); scanpy's default above 4,096 cells, pynndescent, hands scanpy a sparse array it cannot

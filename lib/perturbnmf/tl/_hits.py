@@ -66,11 +66,14 @@ def perturbation_summary(contrasts: pd.DataFrame, fdr: float) -> pd.DataFrame:
                                kind="stable", ignore_index=True)
 
 
-def top_targets(contrasts: pd.DataFrame, fdr: float, n: int) -> list[str]:
-    """The ``n`` perturbations with the most hits (q < ``fdr``), ties by their largest ``|effect_std|``;
-    perturbations without a hit are not listed."""
-    hits = significant_pairs(contrasts, fdr)
-    by_target = pd.DataFrame({"n_hits": hits.groupby("perturbation").size(),
-                              "largest": hits["effect_std"].abs().groupby(hits["perturbation"]).max()})
-    ordered = by_target.sort_values(["n_hits", "largest"], ascending=False, kind="stable")
-    return ordered.index[:n].tolist()
+def top_targets(summary: pd.DataFrame, n: int) -> list[str]:
+    """The ``n`` perturbations with the most hits, ties by their largest ``|effect_std|`` (then by name);
+    perturbations without a hit are not listed.
+
+    ``summary``: :func:`perturbation_summary` output, whose ``effect_std`` of a perturbation with a hit
+    is that of its hit with the largest ``|effect_std|``.
+    """
+    with_hits = summary[summary["n_hits"] > 0]
+    ordered = with_hits.assign(_size=with_hits["effect_std"].abs()).sort_values(
+        ["n_hits", "_size", "perturbation"], ascending=[False, False, True], kind="stable")
+    return ordered["perturbation"].head(n).tolist()
